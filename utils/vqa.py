@@ -135,7 +135,9 @@ def vqa_accuracy(prediction: str, answers: str | Sequence[str]) -> float:
     As vqaEval.py: prediction and answers get the whitespace step; then, **only if the answers
     hold more than one distinct string**, all of them and the prediction are normalized with
     ``normalize_answer``. With unanimous answers nothing is normalized and the comparison is exact
-    and case-sensitive: ten "Two" score "Two" 1.0 but "2", "two" and "Two." 0.0.
+    and case-sensitive: ten "Two" score "Two" 1.0 but "2", "two" and "Two." 0.0. (Older
+    revisions of vqaEval.py, copied e.g. into LAVIS, always normalize the prediction and only run
+    processPunctuation on non-unanimous answers; this follows master.)
 
     The accuracy is the mean over the leave-one-out subsets (leave out annotator i, for each i) of
     ``min(1, #answers equal to the prediction in the subset / 3)``. With 10 answers of which k
