@@ -1,0 +1,417 @@
+#!/usr/bin/env python
+"""Contrastive image-text fine-tuning (CLIP, or a dual encoder from a pretrained vision and text encoder),
+evaluated by retrieval recall.
+
+One process:
+    python run_clip.py --model_name_or_path openai/clip-vit-base-patch32 \
+        --train_file train.jsonl --validation_file val.jsonl --image_column image --caption_column captions \
+        --output_dir out --do_train --do_eval --bf16 --per_device_train_batch_size 128
+
+Several GPUs (negatives are gathered from every process by default):
+    torchrun --nproc_per_node 8 run_clip.py <the same flags>
+
+A pretrained ViT and a pretrained BERT joined by new projections, from a config file:
+    python run_clip.py configs/dual_encoder.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoProcessor,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    VisionTextDualEncoderModel,
+    VisionTextDualEncoderProcessor,
+)
+from transformers.trainer_utils import EvalLoopOutput
+
+from utils.data import ImageTextDataset, SetEpochCallback, check_columns, guess_column, load_splits
+from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
+from utils.losses import clip_loss
+from utils.retrieval import retrieval_metrics
+from utils.text import resolve_max_length
+from utils.training import (
+    build_param_groups,
+    count_parameters,
+    find_checkpoint_to_resume,
+    freeze,
+    log_arguments,
+    parse_args,
+    setup_logging,
+)
+
+logger = logging.getLogger(__name__)
+
+# The parameters of each tower's encoder, by name prefix (CLIPModel and VisionTextDualEncoderModel alike).
+# The projections and the temperature are not part of a tower: they train at --learning_rate.
+VISION_PREFIX, TEXT_PREFIX = "vision_model.", "text_model."
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A CLIP-family checkpoint (Hub id or folder): CLIPModel, VisionTextDualEncoderModel."}
+    )
+    vision_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "With --text_model_name_or_path: build a dual encoder from this vision encoder (ViT, CLIP vision)."}
+    )
+    text_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "With --vision_model_name_or_path: the text encoder (BERT/RoBERTa family)."}
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Train from scratch from this config (name or path)."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "With --config_name: overrides such as 'projection_dim=256,logit_scale_init_value=2.0'."}
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor, if not the model's."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model's repository to run."})
+    freeze_vision_model: bool = field(default=False, metadata={"help": "Keep the vision encoder frozen throughout."})
+    freeze_text_model: bool = field(default=False, metadata={"help": "Keep the text encoder frozen throughout."})
+    freeze_vision_steps: int = field(default=0, metadata={"help": "Freeze the vision encoder for the first N optimizer steps."})
+    freeze_text_steps: int = field(default=0, metadata={"help": "Freeze the text encoder for the first N optimizer steps."})
+    vision_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the vision encoder."})
+    text_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the text encoder."})
+    max_logit_scale: float = field(default=100.0, metadata={"help": "Clamp exp(logit_scale) to [1, this] after each step."})
+    gather_negatives: bool = field(
+        default=True, metadata={"help": "With several processes, contrast against the features of every process."}
+    )
+
+    def __post_init__(self):
+        ways = [bool(self.model_name_or_path), bool(self.vision_model_name_or_path or self.text_model_name_or_path), bool(self.config_name)]
+        if sum(ways) != 1:
+            raise ValueError(
+                "Give exactly one model source: --model_name_or_path, or --vision_model_name_or_path with "
+                "--text_model_name_or_path, or --config_name (from scratch)."
+            )
+        if bool(self.vision_model_name_or_path) != bool(self.text_model_name_or_path):
+            raise ValueError("--vision_model_name_or_path and --text_model_name_or_path go together: pass both.")
+        if self.config_overrides and not self.config_name:
+            raise ValueError("--config_overrides only applies with --config_name.")
+        for name in ("freeze_vision_steps", "freeze_text_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.max_logit_scale < 1:
+            raise ValueError(f"--max_logit_scale must be >= 1, got {self.max_logit_scale}.")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "csv/json/jsonl file, or an image folder with metadata.jsonl."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation data, same formats."})
+    test_file: str | None = field(default=None, metadata={"help": "Test data for --do_predict, same formats."})
+    image_column: str | None = field(default=None, metadata={"help": "Column of image paths or images (default: image, image_path, file_name)."})
+    caption_column: str | None = field(default=None, metadata={"help": "Column of captions: a string or a list (default: captions, caption, text)."})
+    max_seq_length: int | None = field(default=None, metadata={"help": "Truncate captions to this many tokens (default and cap: the text model's limit)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
+    augment: bool = field(default=False, metadata={"help": "Random resized crop and horizontal flip in training."})
+    retrieval_chunk_size: int = field(default=1024, metadata={"help": "Queries scored at once in retrieval (memory: chunk x N)."})
+
+    def __post_init__(self):
+        if not (self.dataset_name or self.train_file or self.validation_file or self.test_file):
+            raise ValueError("No data: pass --dataset_name or --train_file/--validation_file/--test_file.")
+        if self.retrieval_chunk_size < 1:
+            raise ValueError(f"--retrieval_chunk_size must be >= 1, got {self.retrieval_chunk_size}.")
+
+
+# --- What a user adapts for their task: batching, the loss, the evaluation ---------------------------------
+
+
+@dataclass
+class ClipCollator:
+    """Stacks uint8 images and normalizes them once per batch; tokenizes captions padded to the longest one
+    in the batch (not to a fixed length). Evaluation samples carry all their captions: they are flattened
+    and `caption_counts` says how many belong to each image."""
+
+    tokenizer: object
+    max_length: int
+    image_spec: ImageTransformSpec
+
+    def __call__(self, examples: list[dict]) -> dict:
+        pixel_values = normalize_pixels(torch.stack([e["pixel_values"] for e in examples]), self.image_spec)
+        if "caption" in examples[0]:
+            texts, counts = [e["caption"] for e in examples], None
+        else:
+            texts = [c for e in examples for c in e["captions"]]
+            counts = torch.tensor([len(e["captions"]) for e in examples])
+        tokens = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = {"pixel_values": pixel_values, **tokens}
+        if counts is not None:
+            batch["caption_counts"] = counts
+        return batch
+
+
+def embed(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalized (image, text) embeddings through the model's own feature functions."""
+    text_inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids")}
+    image = model.get_image_features(pixel_values=batch["pixel_values"])
+    text = model.get_text_features(**text_inputs)
+    image = image if isinstance(image, torch.Tensor) else image.pooler_output
+    text = text if isinstance(text, torch.Tensor) else text.pooler_output
+    return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+
+
+class ClipTrainer(Trainer):
+    """The Trainer with the CLIP loss in float32 (global negatives across processes), per-tower learning
+    rates and freezing schedules, and retrieval evaluation."""
+
+    def __init__(self, *args, model_args: ModelArguments, retrieval_chunk_size: int = 1024, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_args = model_args
+        self.retrieval_chunk_size = retrieval_chunk_size
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k != "caption_counts"}
+        # The wrapped model's forward (so DDP sees it); its embeds are L2-normalized already.
+        outputs = model(**inputs)
+        logit_scale = self.accelerator.unwrap_model(model).logit_scale.exp()
+        loss = clip_loss(outputs.image_embeds, outputs.text_embeds, logit_scale, gather_distributed=self.model_args.gather_negatives)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model)) - {"logit_scale"}
+            groups = build_param_groups(
+                model.named_parameters(),
+                decay,
+                self.args.weight_decay,
+                self.args.learning_rate,
+                {VISION_PREFIX: self.model_args.vision_learning_rate, TEXT_PREFIX: self.model_args.text_learning_rate},
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)  # each group carries its own
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Progressive training: a tower still in its frozen phase gets no update. Dropping its gradients
+        # (rather than not computing them) keeps every parameter in the graph, as DDP requires.
+        step = self.state.global_step
+        for prefix, frozen_steps in ((VISION_PREFIX, self.model_args.freeze_vision_steps), (TEXT_PREFIX, self.model_args.freeze_text_steps)):
+            if step < frozen_steps:
+                for name, parameter in self.accelerator.unwrap_model(model).named_parameters():
+                    if name.startswith(prefix):
+                        parameter.grad = None
+        return loss
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Embed every image and every caption once, gather them across processes (each sample exactly once),
+        then rank: retrieval recall both ways, mean/median rank, and the contrastive loss."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        images, texts, counts = [], [], []
+        for batch in dataloader:
+            batch = self._prepare_inputs(batch)
+            with torch.no_grad(), self.autocast_smart_context_manager():
+                image_embeds, text_embeds = embed(model, batch)
+            caption_counts = batch["caption_counts"]
+            # Captions per image vary: pad to (B, C, D) so batches gather as one tensor, drop padding after.
+            per_image = torch.zeros(len(caption_counts), int(caption_counts.max()), text_embeds.shape[-1], device=text_embeds.device)
+            mask = torch.arange(per_image.shape[1], device=per_image.device)[None, :] < caption_counts[:, None]
+            per_image[mask] = text_embeds
+            per_image = self.accelerator.pad_across_processes(per_image, dim=1)
+            image_embeds, per_image, caption_counts = self.accelerator.gather_for_metrics((image_embeds, per_image, caption_counts))
+            for i in range(len(caption_counts)):
+                texts.append(per_image[i, : caption_counts[i]].cpu())
+            images.append(image_embeds.cpu())
+            counts.append(caption_counts.cpu())
+        image_embeds = torch.cat(images)
+        counts = torch.cat(counts)
+        text_embeds = torch.cat(texts)
+        text_to_image = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, chunk_size=self.retrieval_chunk_size)
+        metrics["loss"] = self._eval_loss(model, image_embeds, text_embeds, counts)
+        self.last_embeddings = {"image": image_embeds, "text": text_embeds, "text_to_image": text_to_image}
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(image_embeds))
+
+    def _eval_loss(self, model, image_embeds, text_embeds, counts) -> float:
+        """The training loss on (image, first caption) pairs in consecutive blocks of the per-device eval batch
+        size, from the gathered embeddings: the same figure for any number of processes."""
+        first_caption = text_embeds[torch.cumsum(counts, 0) - counts]
+        scale = model.logit_scale.detach().float().exp().cpu()
+        block = self.args.per_device_eval_batch_size
+        total = 0.0
+        for start in range(0, len(image_embeds), block):
+            chunk = slice(start, start + block)
+            total += clip_loss(image_embeds[chunk], first_caption[chunk], scale).item() * len(image_embeds[chunk])
+        return total / max(len(image_embeds), 1)
+
+
+class ClampLogitScaleCallback(TrainerCallback):
+    """Clamp the learned temperature to [0, ln(max_logit_scale)] after every optimizer step, as open_clip does:
+    unclamped, exp(logit_scale) grows until the logits overflow."""
+
+    def __init__(self, max_logit_scale: float):
+        self.max_log = math.log(max_logit_scale)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, self.max_log)
+
+
+# --- Model and processor ----------------------------------------------------------------------------------
+
+
+def load_model_and_processor(model_args: ModelArguments):
+    """One of the three ways in; returns (model, processor holding an image processor and a tokenizer)."""
+    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "trust_remote_code": model_args.trust_remote_code}
+    if model_args.model_name_or_path:
+        model = AutoModel.from_pretrained(model_args.model_name_or_path, **hub)
+        processor = AutoProcessor.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
+    elif model_args.vision_model_name_or_path:
+        model = VisionTextDualEncoderModel.from_vision_text_pretrained(
+            model_args.vision_model_name_or_path, model_args.text_model_name_or_path, cache_dir=model_args.cache_dir
+        )
+        processor = VisionTextDualEncoderProcessor(
+            AutoImageProcessor.from_pretrained(model_args.image_processor_name or model_args.vision_model_name_or_path, **hub),
+            AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.text_model_name_or_path, **hub),
+        )
+    else:
+        config = AutoConfig.from_pretrained(model_args.config_name, **hub)
+        if model_args.config_overrides:
+            config.update_from_string(model_args.config_overrides)
+        model = AutoModel.from_config(config, trust_remote_code=model_args.trust_remote_code)
+        if not (model_args.tokenizer_name and model_args.image_processor_name):
+            raise ValueError("Training from --config_name needs --tokenizer_name and --image_processor_name.")
+        processor = VisionTextDualEncoderProcessor(
+            AutoImageProcessor.from_pretrained(model_args.image_processor_name, **hub),
+            AutoTokenizer.from_pretrained(model_args.tokenizer_name, **hub),
+        )
+    if not all(hasattr(model, name) for name in ("get_image_features", "get_text_features", "logit_scale")):
+        raise ValueError(
+            f"{type(model).__name__} is not a dual encoder with get_image_features/get_text_features/logit_scale: "
+            "pass a CLIP-family checkpoint, or --vision_model_name_or_path with --text_model_name_or_path."
+        )
+    return model, processor
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # 1. Arguments and logging.
+    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, TrainingArguments), argv)
+    training_args.remove_unused_columns = False  # the collator needs the caption fields
+    setup_logging(training_args)
+    log_arguments(model_args, data_args)
+    logger.info("Training arguments %s", training_args)
+    resume_from = find_checkpoint_to_resume(training_args)
+
+    # 2. Data: every requested split, columns checked before anything heavy happens.
+    wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
+    splits = load_splits(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file},
+        cache_dir=model_args.cache_dir,
+        image_column=data_args.image_column,
+    )
+    for split, needed in wanted.items():
+        if needed and split not in splits:
+            flag = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}[split]
+            raise ValueError(f"--{flag} needs a {split} split: pass --{split}_file or a --dataset_name that has one.")
+    first = splits[next(s for s, needed in wanted.items() if needed)] if any(wanted.values()) else None
+    if first is None:
+        raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
+    image_column = data_args.image_column or guess_column(first, ("image", "image_path", "file_name", "filepath"), "image_column")
+    caption_column = data_args.caption_column or guess_column(first, ("captions", "caption", "text"), "caption_column")
+    for split, rows in splits.items():
+        if wanted[split]:
+            check_columns(rows, image_column=image_column, caption_column=caption_column)
+
+    # 3. Model and processor.
+    model, processor = load_model_and_processor(model_args)
+    if model_args.freeze_vision_model:
+        freeze(model.vision_model)
+    if model_args.freeze_text_model:
+        freeze(model.text_model)
+    trainable, total = count_parameters(model)
+    logger.info("%s: %.1fM parameters, %.1fM trainable", type(model).__name__, total / 1e6, trainable / 1e6)
+
+    # 4. Preprocessing: transforms from the model's own image processor, captions cut at the model's limit.
+    image_spec = ImageTransformSpec.from_image_processor(processor.image_processor)
+    text_config = getattr(model.config, "text_config", model.config)
+    max_length = resolve_max_length(data_args.max_seq_length, processor.tokenizer, text_config)
+    logger.info("Images: %s; captions truncated at %d tokens, padded to the longest in each batch", image_spec, max_length)
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
+    datasets_ = {}
+    for split, needed in wanted.items():
+        if not needed:
+            continue
+        rows = splits[split]
+        if limits[split] is not None:
+            rows.rows = rows.rows.select(range(min(limits[split], len(rows.rows))))
+        is_train = split == "train"
+        transform = build_image_transform(image_spec, augment=is_train and data_args.augment)
+        datasets_[split] = ImageTextDataset(rows, image_column, caption_column, transform, sample_caption=is_train, seed=training_args.seed)
+        logger.info("%s: %d images, %d captions", split, len(datasets_[split]), sum(map(len, datasets_[split].captions)))
+
+    # 5. Trainer.
+    callbacks = [ClampLogitScaleCallback(model_args.max_logit_scale)]
+    if "train" in datasets_:
+        callbacks.append(SetEpochCallback(datasets_["train"]))
+    trainer = ClipTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets_.get("train"),
+        eval_dataset=datasets_.get("validation"),
+        data_collator=ClipCollator(processor.tokenizer, max_length, image_spec),
+        processing_class=processor,
+        callbacks=callbacks,
+        model_args=model_args,
+        retrieval_chunk_size=data_args.retrieval_chunk_size,
+    )
+
+    # 6. Train, evaluate, predict; every split's metrics land in <split>_results.json and all_results.json.
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.save_model()  # the model and the processor, reloadable by AutoModel/AutoProcessor/pipeline
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        metrics.update(result.metrics)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if training_args.do_predict:
+        predict_metrics = trainer.predict(datasets_["test"], metric_key_prefix="predict").metrics
+        trainer.log_metrics("predict", predict_metrics)
+        trainer.save_metrics("predict", predict_metrics)
+        metrics.update(predict_metrics)
+
+    # 7. Model card.
+    if training_args.do_train and trainer.is_world_process_zero():
+        trainer.create_model_card(
+            model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+            tasks="zero-shot-image-classification",
+            dataset=data_args.dataset_name or data_args.train_file,
+            tags=["contrastive-image-text", "clip"],
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Image-text retrieval metrics: recall@k both ways and mean rank, computed in chunks.
+
+Conventions (those of the COCO/Flickr30k retrieval protocol, Karpathy & Fei-Fei 2015; open_clip's
+`get_clip_metrics` uses the same ranks with one caption per image):
+
+* image -> text: one query per image over all M captions; the query's rank is the best rank of any of its own
+  captions (an image with five captions is a hit at k when any of them is in the top k).
+* text -> image: one query per caption over all N images; its rank is that of the image it belongs to.
+* ranks are 1-based; equal scores are ordered by index, lower index first, so a tie never favours the target
+  by accident and the result does not depend on the sort algorithm.
+
+Memory stays O(chunk_size * max(N, M)): the (N, M) similarity matrix is never built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def _rank_of(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1-based rank of column `target[q]` in row q of `scores` (Q, K), ties broken by column index."""
+    target_score = scores.gather(1, target[:, None])  # (Q, 1)
+    columns = torch.arange(scores.shape[1], device=scores.device)
+    beats = (scores > target_score) | ((scores == target_score) & (columns[None, :] < target[:, None]))
+    return beats.sum(dim=1) + 1
+
+
+def retrieval_ranks(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_to_image: torch.Tensor,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks for every query: (image->text ranks (N,), text->image ranks (M,)).
+
+    image_embeds: (N, D); text_embeds: (M, D); text_to_image: (M,) index of the image each caption describes.
+    Scores are dot products: pass L2-normalized embeddings for cosine similarity.
+    """
+    image_embeds = image_embeds.float()
+    text_embeds = text_embeds.float()
+    text_to_image = text_to_image.long().to(image_embeds.device)
+    num_images, num_texts = image_embeds.shape[0], text_embeds.shape[0]
+    if text_to_image.shape != (num_texts,):
+        raise ValueError(f"text_to_image has shape {tuple(text_to_image.shape)}, expected ({num_texts},)")
+    if num_texts and (text_to_image.min() < 0 or text_to_image.max() >= num_images):
+        raise ValueError("text_to_image holds an index outside [0, number of images)")
+    if num_images and torch.bincount(text_to_image, minlength=num_images).min() == 0:
+        raise ValueError("every image needs at least one caption for image->text retrieval")
+
+    text_columns = torch.arange(num_texts, device=image_embeds.device)
+    i2t = torch.empty(num_images, dtype=torch.long)
+    for start in range(0, num_images, chunk_size):
+        scores = image_embeds[start : start + chunk_size] @ text_embeds.T  # (c, M)
+        rows = torch.arange(start, start + scores.shape[0], device=scores.device)
+        own = text_to_image[None, :] == rows[:, None]  # (c, M): the captions of each query image
+        # The best-ranked own caption is the highest-scoring one, the lowest index among equals.
+        best_score = scores.masked_fill(~own, float("-inf")).amax(dim=1, keepdim=True)
+        candidate = own & (scores == best_score)
+        best_caption = torch.where(candidate, text_columns[None, :], num_texts).amin(dim=1)
+        i2t[start : start + scores.shape[0]] = _rank_of(scores, best_caption).cpu()
+
+    t2i = torch.empty(num_texts, dtype=torch.long)
+    for start in range(0, num_texts, chunk_size):
+        scores = text_embeds[start : start + chunk_size] @ image_embeds.T  # (c, N)
+        t2i[start : start + scores.shape[0]] = _rank_of(scores, text_to_image[start : start + scores.shape[0]]).cpu()
+    return i2t, t2i
+
+
+def retrieval_metrics(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_to_image: torch.Tensor,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """`i2t_r{k}`, `t2i_r{k}` (fractions in [0, 1]), `i2t_mean_rank`, `t2i_mean_rank`,
+    `i2t_median_rank`, `t2i_median_rank`; see the module docstring for the conventions."""
+    i2t, t2i = retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size)
+    metrics = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in ks:
+            metrics[f"{name}_r{k}"] = (ranks <= k).float().mean().item()
+        metrics[f"{name}_mean_rank"] = ranks.float().mean().item()
+        metrics[f"{name}_median_rank"] = ranks.float().median().item()
+    return metrics
