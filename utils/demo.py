@@ -253,19 +253,28 @@ def build_demo_clip(directory: str, image_size: int = 32, seed: int = 0):
     return model, processor
 
 
+def prepare_clip_demo(output_dir: str, num_train: int = 2000, seed: int = 0) -> None:
+    """Data in <output_dir>/clip_data, a tiny CLIP in <output_dir>/tiny_clip (configs/demo_clip.yaml)."""
+    write_demo_dataset(os.path.join(output_dir, "clip_data"), num_train=num_train, seed=seed)
+    build_demo_clip(os.path.join(output_dir, "tiny_clip"), seed=seed)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=["clip"], help="which demo to prepare")
+    parser.add_argument("task", choices=["clip", "caption", "vqa"], help="which demo to prepare")
     parser.add_argument("--output_dir", default="demo", help="folder for the data and the tiny model")
-    parser.add_argument("--num_train", type=int, default=2000)
+    parser.add_argument("--num_train", type=int, default=2000, help="training images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data_dir = os.path.join(args.output_dir, f"{args.task}_data")
-    model_dir = os.path.join(args.output_dir, f"tiny_{args.task}")
-    write_demo_dataset(data_dir, num_train=args.num_train, seed=args.seed)
-    build_demo_clip(model_dir, seed=args.seed)
-    logger.info("wrote the demo data to %s and a tiny model to %s", data_dir, model_dir)
+    if args.task == "clip":
+        prepare = prepare_clip_demo
+    elif args.task == "caption":
+        from .demo_caption import prepare_caption_demo as prepare
+    else:
+        from .demo_vqa import prepare_vqa_demo as prepare
+    prepare(args.output_dir, num_train=args.num_train, seed=args.seed)
+    logger.info("wrote the %s demo data and tiny model under %s", args.task, args.output_dir)
 
 
 if __name__ == "__main__":
