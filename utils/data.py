@@ -22,7 +22,7 @@ from .text import parse_captions
 
 logger = logging.getLogger(__name__)
 
-DATA_FILE_EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
+DATA_FILE_EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 
@@ -44,7 +44,7 @@ def load_splits(
 ) -> dict[str, Split]:
     """Load the requested splits, keyed "train", "validation", "test".
 
-    `data_files` maps split -> a csv/json/jsonl file or an image folder (holding the images and a
+    `data_files` maps split -> a csv/json/jsonl/parquet file or an image folder (holding the images and a
     metadata.jsonl/csv naming a `file_name` per row). Local files take precedence over `dataset_name` split
     by split, so a Hub training set can be evaluated on a local file.
     """
@@ -76,7 +76,7 @@ def _load_local(path: str, cache_dir: str | None) -> Split:
     extension = os.path.splitext(path)[1].lower()
     builder = DATA_FILE_EXTENSIONS.get(extension)
     if builder is None:
-        raise ValueError(f"data file {path!r}: expected a .csv, .json or .jsonl file, or an image folder with metadata.jsonl")
+        raise ValueError(f"data file {path!r}: expected a .csv, .json, .jsonl or .parquet file, or an image folder with metadata.jsonl")
     # keep_default_na/na_filter: pandas would otherwise read captions such as "NA", "None" or "null" as NaN.
     kwargs = {"keep_default_na": False, "na_filter": False} if builder == "csv" else {}
     rows = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, **kwargs)
@@ -171,10 +171,10 @@ class ImageTextDataset(EpochAware, torch.utils.data.Dataset):
         return len(self.captions)
 
     def __getitem__(self, index: int) -> dict:
+        rng = random.Random(sample_seed(self.seed, self.epoch, index))
         image = load_image(self.images[index][self.image_column], self.base_dir)
-        pixels = self.transform(image)
+        pixels = self.transform(image, rng)
         captions = self.captions[index]
         if not self.sample_caption:
             return {"pixel_values": pixels, "captions": captions}
-        rng = random.Random(sample_seed(self.seed, self.epoch, index))
         return {"pixel_values": pixels, "caption": captions[rng.randrange(len(captions))]}

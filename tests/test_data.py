@@ -1,0 +1,129 @@
+"""Every data format loads, image paths resolve against the data file's folder, bad columns are named."""
+
+import json
+import os
+
+import datasets
+import pytest
+from PIL import Image
+
+from utils.data import ImageTextDataset, check_columns, guess_column, load_splits, parse_caption_column, sample_seed
+from utils.images import ImageTransformSpec, build_image_transform
+
+SPEC = ImageTransformSpec(resize_height=16, resize_width=16)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """data/ holds the data files, data/images/ the images: paths in the files are relative to data/."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for i, color in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (20, 10), color).save(data / "images" / f"{i}.png")
+    return data
+
+
+def rows():
+    return [
+        {"image": "images/0.png", "caption": "NA"},
+        {"image": "images/1.png", "caption": "null"},
+        {"image": "images/2.png", "caption": "a blue box"},
+    ]
+
+
+def load_one(path, **kwargs):
+    return load_splits(data_files={"train": str(path)}, **kwargs)["train"]
+
+
+def as_dataset(split, caption_column="caption", image_column="image"):
+    return ImageTextDataset(split, image_column, caption_column, build_image_transform(SPEC), sample_caption=False)
+
+
+def test_csv_keeps_na_captions_as_text(folder, monkeypatch, tmp_path):
+    path = folder / "train.csv"
+    path.write_text("image,caption\n" + "".join(f"{r['image']},{r['caption']}\n" for r in rows()))
+    monkeypatch.chdir(tmp_path)  # relative paths must not depend on the working directory
+    dataset = as_dataset(load_one(path))
+    assert dataset.captions == [["NA"], ["null"], ["a blue box"]]
+    sample = dataset[2]
+    assert sample["pixel_values"].shape == (3, 16, 16)
+    assert sample["pixel_values"][2].float().mean() > 200  # blue channel of a blue image
+
+
+def test_csv_with_a_json_list_of_captions(folder):
+    path = folder / "train.csv"
+    path.write_text('image,captions\nimages/0.png,"[""a red box"", ""a square""]"\n')
+    assert as_dataset(load_one(path), caption_column="captions").captions == [["a red box", "a square"]]
+
+
+def test_jsonl_and_json_with_lists_of_captions(folder):
+    records = [{"image": r["image"], "captions": [r["caption"], "another"]} for r in rows()]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "train.json").write_text(json.dumps(records))
+    for name in ("train.jsonl", "train.json"):
+        dataset = as_dataset(load_one(folder / name), caption_column="captions")
+        assert dataset.captions[0] == ["NA", "another"]
+        assert dataset[1]["captions"] == ["null", "another"]
+        assert dataset[1]["pixel_values"][1].float().mean() > 100  # green
+
+
+def test_image_folder_with_metadata_and_decoded_image_feature(folder):
+    with open(folder / "images" / "metadata.jsonl", "w") as f:
+        for i, r in enumerate(rows()):
+            f.write(json.dumps({"file_name": f"{i}.png", "caption": r["caption"]}) + "\n")
+    split = load_one(folder / "images", image_column="image")
+    assert isinstance(split.rows.features["image"], datasets.Image)
+    dataset = as_dataset(split)
+    assert sorted(c[0] for c in dataset.captions) == ["NA", "a blue box", "null"]
+    assert dataset[0]["pixel_values"].shape == (3, 16, 16)
+
+
+def test_parquet_with_embedded_image_bytes(folder, tmp_path):
+    table = datasets.Dataset.from_dict(
+        {"image": [{"bytes": (folder / "images" / "0.png").read_bytes(), "path": None}], "caption": ["a red box"]}
+    ).cast_column("image", datasets.Image())
+    table.to_parquet(str(tmp_path / "train.parquet"))
+    os.remove(folder / "images" / "0.png")  # the bytes travel inside the parquet file
+    dataset = as_dataset(load_one(tmp_path / "train.parquet", image_column="image"))
+    assert dataset[0]["pixel_values"][0].float().mean() > 200
+
+
+def test_missing_column_lists_the_columns_there_are(folder):
+    (folder / "train.jsonl").write_text(json.dumps({"img": "images/0.png", "text": "x"}) + "\n")
+    split = load_one(folder / "train.jsonl")
+    with pytest.raises(ValueError, match=r"--image_column 'image' is not a column of .*train.jsonl; its columns are \['img', 'text'\]"):
+        check_columns(split, image_column="image")
+    assert guess_column(split, ("captions", "caption", "text"), "caption_column") == "text"
+    with pytest.raises(ValueError, match="--image_column is not set"):
+        guess_column(split, ("image",), "image_column")
+
+
+def test_bad_caption_value_names_file_row_and_column(folder):
+    (folder / "train.jsonl").write_text(
+        json.dumps({"image": "a.png", "caption": "ok"}) + "\n" + json.dumps({"image": "b.png", "caption": ""}) + "\n"
+    )
+    with pytest.raises(ValueError, match=r"train.jsonl, row 1, column 'caption'"):
+        parse_caption_column(load_one(folder / "train.jsonl"), "caption")
+
+
+def test_unknown_file_type_and_missing_file(tmp_path):
+    (tmp_path / "train.txt").write_text("x")
+    with pytest.raises(ValueError, match="train.txt"):
+        load_one(tmp_path / "train.txt")
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_one(tmp_path / "nope.jsonl")
+
+
+def test_caption_draw_depends_on_seed_epoch_and_index_only(folder):
+    records = [{"image": "images/0.png", "captions": [f"caption {k}" for k in range(5)]}] * 3
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    split = load_one(folder / "train.jsonl")
+    dataset = ImageTextDataset(split, "image", "captions", build_image_transform(SPEC), sample_caption=True, seed=7)
+    draws = {}
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        draws[epoch] = [dataset[i]["caption"] for i in range(3)]
+    dataset.set_epoch(2)
+    assert [dataset[i]["caption"] for i in range(3)] == draws[2]  # replays after a "resume"
+    assert len({tuple(d) for d in draws.values()}) > 1  # and changes across epochs
+    assert sample_seed(7, 2, 1) != sample_seed(7, 1, 2)
