@@ -98,7 +98,7 @@ def test_overfit_reaches_perfect_recall_and_reloads_as_pipeline(assets, tmp_path
         "--model_name_or_path", assets["clip"],
         "--train_file", data["validation"], "--validation_file", data["validation"],
         "--output_dir", str(out), "--do_train", "--do_eval",
-        "--max_steps", "80", "--learning_rate", "2e-3", "--warmup_steps", "5",
+        "--max_steps", "150", "--learning_rate", "2e-3", "--warmup_steps", "5",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
         "--logging_steps", "5", "--save_strategy", "no",
         "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0",
@@ -123,3 +123,94 @@ def test_overfit_reaches_perfect_recall_and_reloads_as_pipeline(assets, tmp_path
         assert math.isclose(sum(s["score"] for s in scores), 1.0, rel_tol=1e-4)
         correct += scores[0]["label"] == row["captions"][0]
     assert correct >= 7, correct
+
+
+def tower_weights(model_dir):
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(model_dir, "model.safetensors"))
+    pick = lambda prefix: torch.cat([v.flatten().float() for k, v in sorted(state.items()) if k.startswith(prefix)])
+    return {"vision": pick("vision_model."), "text": pick("text_model."), "projection": pick("visual_projection."),
+            "logit_scale": state["logit_scale"].float()}
+
+
+def short_run(assets, output_dir, *extra):
+    return run_clip.main([
+        "--train_file", assets["data"]["train"], "--output_dir", str(output_dir), "--do_train",
+        "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--save_strategy", "no",
+        "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0", *extra,
+    ])
+
+
+@pytest.mark.parametrize("flags,frozen,trained", [
+    (["--freeze_vision_model"], ["vision"], ["text", "projection"]),
+    (["--freeze_text_model"], ["text"], ["vision", "projection"]),
+    (["--freeze_vision_steps", "2"], ["vision"], ["text", "projection"]),  # still in its frozen phase at step 2
+    (["--freeze_text_steps", "1", "--max_steps", "3"], [], ["vision", "text"]),  # joined at step 2
+])
+def test_freezing(assets, tmp_path, flags, frozen, trained):
+    before = tower_weights(assets["clip"])
+    extra = flags if "--max_steps" in flags else [*flags, "--max_steps", "2"]
+    short_run(assets, tmp_path, "--model_name_or_path", assets["clip"], *extra)
+    after = tower_weights(tmp_path)
+    for tower in frozen:
+        assert torch.equal(before[tower], after[tower]), tower
+    for tower in trained:
+        assert not torch.equal(before[tower], after[tower]), tower
+
+
+def test_logit_scale_is_clamped_after_each_step(assets, tmp_path):
+    short_run(
+        assets, tmp_path, "--config_name", assets["clip"], "--config_overrides", "logit_scale_init_value=6.0",
+        "--tokenizer_name", assets["clip"], "--image_processor_name", assets["clip"], "--max_steps", "1",
+    )
+    assert tower_weights(tmp_path)["logit_scale"].item() == pytest.approx(math.log(100.0), abs=1e-6)
+
+
+def test_optimizer_groups_per_tower_and_no_decay_on_biases_norms_and_temperature(assets, tmp_path):
+    from transformers import AutoModel, TrainingArguments
+
+    model = AutoModel.from_pretrained(assets["clip"])
+    model_args = run_clip.ModelArguments(model_name_or_path=assets["clip"], vision_learning_rate=1e-5, text_learning_rate=2e-5)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, weight_decay=0.1, use_cpu=True, report_to="none")
+    trainer = run_clip.ClipTrainer(model=model, args=args, model_args=model_args)
+    optimizer = trainer.create_optimizer()
+    setting = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            setting[id(p)] = (group["lr"], group["weight_decay"])
+    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    for name, p in model.named_parameters():
+        lr, decay = setting[id(p)]
+        expected_lr = 1e-5 if name.startswith("vision_model.") else 2e-5 if name.startswith("text_model.") else 3e-4
+        assert lr == expected_lr, name
+        no_decay = name == "logit_scale" or name.endswith("bias") or id(p) in norms
+        assert decay == (0.0 if no_decay else 0.1), name
+
+
+def test_config_file_with_overrides(assets, tmp_path):
+    import yaml
+
+    config = {
+        "model_name_or_path": assets["clip"], "validation_file": assets["data"]["validation"], "output_dir": str(tmp_path),
+        "do_eval": True, "use_cpu": True, "report_to": "none", "per_device_eval_batch_size": 4, "max_eval_samples": 5,
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    for name in ("run.yaml", "run.json"):
+        metrics = run_clip.main([str(tmp_path / name), "--max_eval_samples", "7"])
+        assert metrics["eval_samples_per_second"] > 0
+        assert read_json(tmp_path / "eval_results.json")["eval_t2i_r10"] == 1.0  # 7 images: each within the top 10
+
+
+def test_wrong_column_fails_before_the_model_loads(assets, tmp_path):
+    with pytest.raises(ValueError, match=r"--caption_column 'caption' is not a column of .*train.jsonl; its columns are \['image', 'captions', 'objects'\]"):
+        run_clip.main(["--model_name_or_path", "/nonexistent/model", "--train_file", assets["data"]["train"],
+                       "--caption_column", "caption", "--output_dir", str(tmp_path), "--do_train", "--use_cpu"])
+
+
+def test_model_sources_are_exclusive():
+    with pytest.raises(ValueError, match="exactly one model source"):
+        run_clip.ModelArguments(model_name_or_path="a", config_name="b")
+    with pytest.raises(ValueError, match="go together"):
+        run_clip.ModelArguments(vision_model_name_or_path="a")

@@ -84,3 +84,10 @@ def test_demo_tokenizer_has_no_unknown_tokens_for_any_text(clip_tokenizer):
     ids = clip_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert clip_tokenizer.unk_token_id not in ids
     assert clip_tokenizer.unk_token_id == clip_tokenizer.eos_token_id  # why it matters
+
+
+def test_demo_tokenizer_is_the_same_on_every_build(clip_tokenizer):
+    again = build_demo_clip_tokenizer()
+    assert again.get_vocab() == clip_tokenizer.get_vocab()
+    assert again("a red circle in the top left")["input_ids"] == clip_tokenizer("a red circle in the top left")["input_ids"]
+    assert len(clip_tokenizer("a red circle")["input_ids"]) == 5  # whole words: bos, a, red, circle, eos

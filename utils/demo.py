@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import unicodedata
 from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -162,9 +161,12 @@ def write_demo_dataset(
 
 
 def demo_corpus() -> list[str]:
-    """Every word the demo's texts use, plus every byte's character alone and inside a word, so a tokenizer
-    trained on it has no unknown tokens (a tiny CLIP BPE tokenizer's unknown token is its end token: an
-    unseen character would make CLIP pool on the wrong position)."""
+    """Sentences in the demo's words, for training a tokenizer on them."""
+    return [t.format(color=c, shape=s, position=p) for t in _TEMPLATES for c in COLORS for s in SHAPES for p in POSITIONS]
+
+
+def demo_words() -> list[str]:
+    """Every word and punctuation mark the demo's texts use, sorted."""
     words = set()
     for objects in ([o] for o in all_single_objects()):
         for caption in describe(objects):
@@ -172,24 +174,43 @@ def demo_corpus() -> list[str]:
     extra = "picture shapes objects there are is has of at the in and what which where how many color colour shape yes no"
     words.update(extra.split())
     words.update(NUMBER_WORDS.values())
-    lines = [" ".join(sorted(words))] * 20
-    lines += [t.format(color=c, shape=s, position=p) for t in _TEMPLATES for c in COLORS for s in SHAPES for p in POSITIONS]
-    # Characters covering every UTF-8 byte both word-final (alone) and inside a word (doubled). Only
-    # characters the tokenizer's lowercasing and NFC leave unchanged count, or their bytes would never be seen.
-    candidates = [chr(c) for c in range(0x21, 0x800) if not 0x7F <= c <= 0xA0]
-    candidates += [chr(0x800 + c) for c in range(0x40)]  # E0 A0 80..BF: every continuation byte, caseless
-    candidates += [chr(0x1000 * n) for n in range(1, 16) if n != 0xD]  # 3-byte leads E1..EF
-    candidates += [chr(0xD000), chr(0x10000), chr(0x40000), chr(0x80000), chr(0xC0000), chr(0x100000)]
-    chars = [c for c in candidates if unicodedata.normalize("NFC", c).lower() == c and not c.isspace()]
-    lines += [f"{c} {c}{c}" for c in chars]
-    return lines
+    words.update("?.,:;'!-")
+    return sorted(words)
 
 
-def build_demo_clip_tokenizer(vocab_size: int = 1000):
-    """A small byte-level BPE `CLIPTokenizer` trained on `demo_corpus()`."""
+def byte_level_bpe(words: list[str], special_tokens: list[str], end_of_word_suffix: str = "") -> tuple[dict, list]:
+    """A deterministic byte-level BPE vocabulary and merge list: the special tokens, all 256 byte symbols
+    (also with `end_of_word_suffix`, where the tokenizer marks word ends), then each word built by merging
+    left to right. Every text encodes without an unknown token, and the ids are the same on every run
+    (`train_new_from_iterator` breaks frequency ties differently from run to run).
+    `words` are in byte-level form (ASCII letters stand for themselves)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [*special_tokens, *alphabet, *([c + end_of_word_suffix for c in alphabet] if end_of_word_suffix else [])]:
+        vocab.setdefault(token, len(vocab))
+    merges = []
+    for word in sorted(set(words)):
+        symbols = list(word)
+        symbols[-1] += end_of_word_suffix
+        current = symbols[0]
+        for symbol in symbols[1:]:
+            merged = current + symbol
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append((current, symbol))
+            current = merged
+    return vocab, merges
+
+
+def build_demo_clip_tokenizer():
+    """A small byte-level BPE `CLIPTokenizer` over the demo's words (see `byte_level_bpe`)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer().train_new_from_iterator(demo_corpus(), vocab_size=vocab_size)
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab, merges = byte_level_bpe(demo_words(), specials, end_of_word_suffix="</w>")
+    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def build_demo_bert_tokenizer(directory: str):
@@ -197,9 +218,7 @@ def build_demo_bert_tokenizer(directory: str):
     whole words and as ## continuations), saved in `directory` and returned."""
     from transformers import BertTokenizer
 
-    words = set()
-    for line in demo_corpus()[:1]:
-        words.update(line.split())
+    words = set(demo_words())
     ascii_chars = [chr(c) for c in range(0x21, 0x7F)]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words | set(ascii_chars)) + ["##" + c for c in ascii_chars]
     vocab = list(dict.fromkeys(v.lower() if not v.startswith("[") else v for v in vocab))
