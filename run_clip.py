@@ -40,7 +40,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from utils.data import ImageTextDataset, SetEpochCallback, check_columns, guess_column, load_splits
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
 from utils.losses import clip_loss
-from utils.retrieval import retrieval_metrics
+from utils.retrieval import chance_recall, retrieval_metrics
 from utils.text import resolve_max_length
 from utils.training import (
     build_param_groups,
@@ -240,6 +240,9 @@ class ClipTrainer(Trainer):
         text_to_image = torch.repeat_interleave(torch.arange(len(counts)), counts)
         metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, chunk_size=self.retrieval_chunk_size)
         metrics["loss"] = self._eval_loss(model, image_embeds, text_embeds, counts)
+        chance = chance_recall(counts)
+        logger.info("%s: %d images, %d captions; recall at chance: %s", description, len(counts), len(text_embeds),
+                    ", ".join(f"{k}={v:.3f}" for k, v in chance.items()))
         self.last_embeddings = {"image": image_embeds, "text": text_embeds, "text_to_image": text_to_image}
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=len(image_embeds))

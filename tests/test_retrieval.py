@@ -82,3 +82,21 @@ def test_rejects_images_without_captions_and_bad_indices():
         retrieval_metrics(torch.eye(3), torch.eye(3)[:2], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="outside"):
         retrieval_metrics(torch.eye(2), torch.eye(2), torch.tensor([0, 5]))
+
+
+def test_chance_recall_matches_random_scores():
+    from utils.retrieval import chance_recall
+
+    counts = torch.tensor([5, 5, 4, 6, 5, 5, 3, 5, 5, 5])
+    text_to_image = torch.repeat_interleave(torch.arange(10), counts)
+    g = torch.Generator().manual_seed(0)
+    totals = {}
+    trials = 400
+    for _ in range(trials):
+        metrics = retrieval_metrics(torch.randn(10, 8, generator=g), torch.randn(len(text_to_image), 8, generator=g), text_to_image)
+        for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
+            totals[key] = totals.get(key, 0.0) + metrics[key] / trials
+    chance = chance_recall(counts, ks=(1, 5))
+    for key, value in totals.items():
+        assert value == pytest.approx(chance[key], abs=0.03), key
+    assert chance["t2i_r5"] == 0.5

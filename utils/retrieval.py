@@ -85,3 +85,21 @@ def retrieval_metrics(
         metrics[f"{name}_mean_rank"] = ranks.float().mean().item()
         metrics[f"{name}_median_rank"] = ranks.float().median().item()
     return metrics
+
+
+def chance_recall(caption_counts: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+    """Expected recall@k of random scores, to read the real figures against: text->image k/N; image->text
+    the chance that k captions drawn at random from M include one of the image's own c_i, averaged."""
+    counts = caption_counts.long().tolist()
+    num_images, num_texts = len(counts), sum(counts)
+    chance = {}
+    for k in ks:
+        misses = []
+        for c in counts:
+            miss = 1.0
+            for j in range(min(k, num_texts)):
+                miss *= max(num_texts - c - j, 0) / (num_texts - j)
+            misses.append(miss)
+        chance[f"i2t_r{k}"] = 1.0 - sum(misses) / max(num_images, 1)
+        chance[f"t2i_r{k}"] = min(k, num_images) / max(num_images, 1)
+    return chance

@@ -61,6 +61,9 @@ def setup_logging(training_args) -> None:
         datefmt="%m/%d/%Y %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
+    # The main process logs at INFO unless --log_level says otherwise; the others at WARNING.
+    if training_args.log_level == "passive" and training_args.should_log:
+        training_args.log_level = "info"
     level = training_args.get_process_log_level()
     logging.getLogger().setLevel(level)
     datasets.utils.logging.set_verbosity(level)
