@@ -1,0 +1,536 @@
+#!/usr/bin/env python
+"""Visual question answering with ViLT: fine-tune `ViltForQuestionAnswering` on (image, question, answers) rows,
+scored with the official VQA accuracy (vqaEval.py).
+
+One process:
+    python run_vilt_vqa.py --model_name_or_path dandelin/vilt-b32-mlm \
+        --train_file vqav2_train.jsonl --validation_file vqav2_val.jsonl \
+        --output_dir out --do_train --do_eval --bf16 --per_device_train_batch_size 32 --learning_rate 1e-4
+
+Several GPUs (each question is scored exactly once):
+    torchrun --nproc_per_node 8 run_vilt_vqa.py <the same flags>
+
+The embedded demo, a tiny ViLT on synthetic shapes, offline on CPU:
+    python -m utils.demo vqa --output_dir demo && python run_vilt_vqa.py configs/demo_vqa.yaml
+
+Then ask the trained folder a question: `utils.vqa_inference.answer_question("out", "photo.jpg", "what color is the bus?")`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as F
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+    ViltForQuestionAnswering,
+    ViltProcessor,
+    set_seed,
+)
+
+from utils.data import Split, check_columns, guess_column, load_splits
+from utils.images import ImageTransformSpec, load_image, normalize_pixels
+from utils.text import resolve_max_length
+from utils.training import count_parameters, find_checkpoint_to_resume, log_arguments, parse_args, setup_logging
+from utils.vqa import build_answer_vocab, build_soft_targets, parse_answers, soft_score_targets, vqa_score_summary
+
+logger = logging.getLogger(__name__)
+
+# ViltImageProcessor caps the longer edge at 1333/800 x the shorter one (COCO's typical aspect ratio).
+MAX_LONGER_EDGE, MAX_SHORTER_EDGE = 1333, 800
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A ViLT checkpoint (Hub id or folder): the MLM one gets a new answer head, a VQA one keeps its answers."},
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Train from scratch from this ViLT config (name or path)."})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "With --config_name: overrides such as 'num_hidden_layers=6,max_image_length=200'."}
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor, if not the model's."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit."})
+    rebuild_answer_vocab: bool = field(
+        default=False,
+        metadata={"help": "With a checkpoint that already has answers (id2label): replace them by the training set's, with a new output layer."},
+    )
+
+    def __post_init__(self):
+        if bool(self.model_name_or_path) == bool(self.config_name):
+            raise ValueError("Give exactly one model source: --model_name_or_path, or --config_name (from scratch).")
+        if self.config_overrides and not self.config_name:
+            raise ValueError("--config_overrides only applies with --config_name.")
+        if self.config_name and not (self.tokenizer_name and self.image_processor_name):
+            raise ValueError("Training from --config_name needs --tokenizer_name and --image_processor_name.")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "csv/json/jsonl file, or an image folder with metadata.jsonl."})
+    validation_file: str | None = field(default=None, metadata={"help": "Validation data, same formats."})
+    test_file: str | None = field(default=None, metadata={"help": "Data for --do_predict, same formats; answers optional."})
+    image_column: str | None = field(default=None, metadata={"help": "Column of image paths or images (default: image, image_path, file_name)."})
+    question_column: str | None = field(default=None, metadata={"help": "Column of questions (default: question)."})
+    answers_column: str | None = field(
+        default=None,
+        metadata={"help": "Column of the annotators' answers: a list (of strings or {'answer': ...} dicts) or one string (default: answers, answer)."},
+    )
+    question_id_column: str | None = field(default=None, metadata={"help": "Column of question ids (default: question_id if present)."})
+    answer_type_column: str | None = field(
+        default=None, metadata={"help": "Column of answer types, for per-type accuracy (default: answer_type if present)."}
+    )
+    min_answer_count: int = field(
+        default=9, metadata={"help": "Answer set: answers that are the majority answer of at least N training questions (9: ViLT/BUTD)."}
+    )
+    max_answers: int | None = field(default=None, metadata={"help": "Answer set: keep at most the N most frequent answers."})
+    max_seq_length: int | None = field(default=None, metadata={"help": "Truncate questions to this many tokens (default and cap: the model's 40)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training questions."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation questions."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test questions."})
+    top_k_predictions: int = field(default=5, metadata={"help": "Answers with their scores per question in predictions.jsonl."})
+
+    def __post_init__(self):
+        if not (self.dataset_name or self.train_file or self.validation_file or self.test_file):
+            raise ValueError("No data: pass --dataset_name or --train_file/--validation_file/--test_file.")
+        if self.min_answer_count < 1:
+            raise ValueError(f"--min_answer_count must be >= 1, got {self.min_answer_count}.")
+        if self.max_answers is not None and self.max_answers < 1:
+            raise ValueError(f"--max_answers must be >= 1 (or unset), got {self.max_answers}.")
+        if self.top_k_predictions < 1:
+            raise ValueError(f"--top_k_predictions must be >= 1, got {self.top_k_predictions}.")
+
+
+# --- What a user adapts for their task: reading rows, images, batching, the metrics ---------------------------
+
+
+@dataclass
+class VQARows:
+    """One split's questions, read and checked up front. `answers` is None for a split without an answers
+    column (a test set to predict)."""
+
+    split: Split
+    image_column: str
+    questions: list[str]
+    answers: list[list[str]] | None
+    question_ids: list
+    answer_types: list[str] | None
+
+
+def resolve_columns(split: Split, data_args: DataArguments) -> dict[str, str | None]:
+    """Column names from the flags, else guessed from the first split in use. question_id and answer_type are
+    optional, and so are a test split's answers: each split uses them where it has them."""
+    names = split.rows.column_names
+    check_columns(split, question_id_column=data_args.question_id_column, answer_type_column=data_args.answer_type_column)
+    return {
+        "image": data_args.image_column or guess_column(split, ("image", "image_path", "file_name", "filepath"), "image_column"),
+        "question": data_args.question_column or guess_column(split, ("question",), "question_column"),
+        "answers": data_args.answers_column or next((c for c in ("answers", "answer") if c in names), "answers"),
+        "question_id": data_args.question_id_column or "question_id",
+        "answer_type": data_args.answer_type_column or "answer_type",
+    }
+
+
+def read_vqa_rows(split: Split, columns: dict[str, str | None], answers_required: bool) -> VQARows:
+    """Read and check every row's question, answers, id and answer type, so a bad value stops the run at once
+    with its file and row. Without a question_id column, the row number is the id."""
+
+    def fail(row, column, message):
+        raise ValueError(f"{split.origin}, row {row}, column {column!r}: {message}")
+
+    questions = list(split.rows[columns["question"]])
+    for row, question in enumerate(questions):
+        if not isinstance(question, str) or not question.strip():
+            fail(row, columns["question"], f"question {question!r} is not a non-empty string")
+    answers = None
+    if columns["answers"] in split.rows.column_names:
+        answers = []
+        for row, value in enumerate(split.rows[columns["answers"]]):
+            try:
+                parsed = parse_answers(value)
+            except ValueError as err:
+                fail(row, columns["answers"], err)
+            if not parsed:
+                fail(row, columns["answers"], "no answers; every question needs at least one")
+            answers.append(parsed)
+    elif answers_required:
+        check_columns(split, answers_column=columns["answers"])
+    names = split.rows.column_names
+    question_ids = list(split.rows[columns["question_id"]]) if columns["question_id"] in names else list(range(len(questions)))
+    answer_types = None
+    if columns["answer_type"] in names and answers is not None:
+        answer_types = list(split.rows[columns["answer_type"]])
+        for row, answer_type in enumerate(answer_types):
+            if not isinstance(answer_type, str):
+                fail(row, columns["answer_type"], f"answer type {answer_type!r} is not a string")
+    return VQARows(split, columns["image"], questions, answers, question_ids, answer_types)
+
+
+def vilt_resize_size(height: int, width: int, shortest_edge: int, size_divisor: int | None) -> tuple[int, int]:
+    """The (H, W) that `ViltImageProcessor.resize` gives: the shorter edge becomes `shortest_edge`, the longer
+    one is capped at 1333/800 x that, both rounded half up, then down to a multiple of `size_divisor`. A side
+    that this makes 0 (an extreme aspect ratio, where the processor raises) is kept at one `size_divisor`."""
+    longer = int(MAX_LONGER_EDGE / MAX_SHORTER_EDGE * shortest_edge)
+    if height < width:
+        new_height, new_width = shortest_edge, width * (shortest_edge / height)
+    else:
+        new_height, new_width = height * (shortest_edge / width), shortest_edge
+    if max(new_height, new_width) > longer:
+        scale = longer / max(new_height, new_width)
+        new_height, new_width = new_height * scale, new_width * scale
+    new_height, new_width = int(new_height + 0.5), int(new_width + 0.5)
+    if size_divisor:
+        new_height, new_width = new_height // size_divisor * size_divisor, new_width // size_divisor * size_divisor
+    smallest = size_divisor or 1
+    return max(new_height, smallest), max(new_width, smallest)
+
+
+class ViltImageTransform:
+    """RGB `PIL.Image` -> uint8 (3, H, W), resized as ViltImageProcessor does; sizes differ between images
+    and the collator pads them. A class so data loader workers can pickle it."""
+
+    def __init__(self, spec: ImageTransformSpec, size_divisor: int | None):
+        if spec.resize_shortest_edge and size_divisor and spec.resize_shortest_edge < size_divisor:
+            raise ValueError(f"the image processor's shortest_edge {spec.resize_shortest_edge} is below its size_divisor {size_divisor}")
+        self.spec = spec
+        self.size_divisor = size_divisor
+
+    def __call__(self, image) -> torch.Tensor:
+        pixels = F.pil_to_tensor(image)
+        if not self.spec.resize_shortest_edge:
+            return pixels
+        size = vilt_resize_size(pixels.shape[-2], pixels.shape[-1], self.spec.resize_shortest_edge, self.size_divisor)
+        return F.resize(pixels, list(size), interpolation=self.spec.interpolation, antialias=True)
+
+
+class VQADataset(torch.utils.data.Dataset):
+    """The rows in `keep` (default: all) -> {"pixel_values": uint8 (3, H, W), "question", "example_index", and
+    with targets the sparse soft scores "label_ids"/"label_scores"}. `targets` holds one `soft_score_targets`
+    per row of `rows`. `example_index` is the position in this dataset: the evaluation gathers it to find each
+    prediction's question."""
+
+    def __init__(self, rows: VQARows, transform: ViltImageTransform, targets: list | None = None, keep: list[int] | None = None):
+        self.rows = rows
+        self.images = rows.split.rows.select_columns([rows.image_column])
+        self.transform = transform
+        self.targets = targets
+        self.keep = list(range(len(rows.questions))) if keep is None else keep
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def row(self, index: int) -> int:
+        """The row of the data file behind `index`."""
+        return self.keep[index]
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.keep[index]
+        image = load_image(self.images[row][self.rows.image_column], self.rows.split.base_dir)
+        sample = {"pixel_values": self.transform(image), "question": self.rows.questions[row], "example_index": index}
+        if self.targets is not None:
+            sample["label_ids"], sample["label_scores"] = self.targets[row]
+        return sample
+
+
+def build_vqa_datasets(rows: dict[str, VQARows], transform: ViltImageTransform, label2id: dict[str, int]) -> dict[str, VQADataset]:
+    """Split name -> VQADataset with soft-score targets over `label2id`. A training question none of whose
+    answers is in the answer set would have an all-zero target, teaching only "none of these": training drops
+    it (BUTD, ViLT). Validation and test keep every question: those score 0, as in the official evaluation."""
+    datasets_ = {}
+    for split, split_rows in rows.items():
+        if split_rows.answers is None:
+            datasets_[split] = VQADataset(split_rows, transform)
+            continue
+        targets = [soft_score_targets(answers, label2id) for answers in split_rows.answers]
+        answerable = [i for i, (label_ids, _) in enumerate(targets) if label_ids]
+        unanswerable = len(targets) - len(answerable)
+        if split == "train":
+            logger.info("train: dropped %d of %d questions with no answer in the answer set", unanswerable, len(targets))
+            if not answerable:
+                raise ValueError("No training question has an answer in the answer set: check --answers_column and the model's answers.")
+            datasets_[split] = VQADataset(split_rows, transform, targets, keep=answerable)
+        else:
+            logger.info("%s: %d questions, %d with no answer in the answer set (they score 0)", split, len(targets), unanswerable)
+            datasets_[split] = VQADataset(split_rows, transform, targets)
+    return datasets_
+
+
+def pad_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (3, H_i, W_i) images -> (B, 3, H, W) padded at the bottom and right, and pixel_mask (B, H, W),
+    1 on image pixels, 0 on padding (int64, as ViltImageProcessor)."""
+    height = max(image.shape[-2] for image in images)
+    width = max(image.shape[-1] for image in images)
+    pixels = torch.zeros(len(images), 3, height, width, dtype=images[0].dtype)
+    mask = torch.zeros(len(images), height, width, dtype=torch.int64)
+    for i, image in enumerate(images):
+        pixels[i, :, : image.shape[-2], : image.shape[-1]] = image
+        mask[i, : image.shape[-2], : image.shape[-1]] = 1
+    return pixels, mask
+
+
+@dataclass
+class VQACollator:
+    """Pads each batch's images to its largest and builds `pixel_mask` (per batch, not per preprocessing
+    chunk); normalizes once per batch, padding left at 0 as ViltImageProcessor leaves it; tokenizes questions
+    padded to the longest, cut at `max_length`; dense soft-score `labels` (B, num_labels)."""
+
+    tokenizer: object
+    max_length: int
+    image_spec: ImageTransformSpec
+    num_labels: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        pixels, pixel_mask = pad_images([e["pixel_values"] for e in examples])
+        pixel_values = normalize_pixels(pixels, self.image_spec).masked_fill_(pixel_mask[:, None] == 0, 0.0)
+        tokens = self.tokenizer(
+            [e["question"] for e in examples], padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        batch = {**tokens, "pixel_values": pixel_values, "pixel_mask": pixel_mask}
+        batch["example_index"] = torch.tensor([e["example_index"] for e in examples])
+        if "label_ids" in examples[0]:
+            batch["labels"] = build_soft_targets([e["label_ids"] for e in examples], [e["label_scores"] for e in examples], self.num_labels)
+        return batch
+
+
+def compute_vqa_metrics(predicted_ids: np.ndarray, example_index: np.ndarray, dataset: VQADataset, id2label: dict) -> dict:
+    """Official VQA accuracy of the top answers, overall and per answer type, on every question of `dataset`
+    (those whose answers are outside the answer set included: they score 0, as in vqaEval.py)."""
+    if sorted(example_index.tolist()) != list(range(len(dataset))):
+        raise RuntimeError(
+            f"evaluation returned {len(example_index)} predictions for {len(dataset)} questions, not one per question; "
+            "the per-process results were not gathered as expected"
+        )
+    rows, row_of = dataset.rows, [dataset.row(int(i)) for i in example_index]
+    predictions = [id2label[int(i)] for i in predicted_ids]
+    answers = [rows.answers[r] for r in row_of]
+    answer_types = None if rows.answer_types is None else [rows.answer_types[r] for r in row_of]
+    return vqa_score_summary(predictions, answers, answer_types)
+
+
+class VQATrainer(Trainer):
+    """The Trainer, evaluating by the official VQA accuracy: each process keeps its top-k answer ids and scores
+    per question with the question's `example_index`; the loop gathers them (every question once), then the
+    metrics are computed against the raw answers."""
+
+    def __init__(self, *args, top_k: int = 5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.top_k = top_k
+        # ViLT's forward takes **kwargs, so the Trainer assumes it normalizes its loss by num_items_in_batch and
+        # skips the division by the gradient accumulation steps (and multiplies by the world size under DDP).
+        # ViLT ignores num_items_in_batch: its loss is a per-batch mean (BCE x num_labels).
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k != "example_index"}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = dict(inputs)
+        example_index = inputs.pop("example_index")
+        loss, logits, _ = super().prediction_step(model, inputs, prediction_loss_only=False, ignore_keys=ignore_keys)
+        scores, ids = logits.float().sigmoid().topk(min(self.top_k, logits.shape[-1]), dim=-1)  # (B, k) each
+        return loss, (ids, scores), example_index.to(logits.device)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only=False, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+        dataset = dataloader.dataset
+        if dataset.rows.answers is not None:
+            ids, _ = output.predictions
+            metrics = compute_vqa_metrics(ids[:, 0], output.label_ids, dataset, self.model.config.id2label)
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in metrics.items()})
+        return output
+
+
+def write_predictions(path: str, prediction, dataset: VQADataset, id2label: dict) -> None:
+    """predictions.jsonl, one line per question in data order: question_id, image, question, prediction, the
+    top-k answers with their scores (sigmoid of the logits), and the annotators' answers when known."""
+    ids, scores = prediction.predictions
+    rows = dataset.rows
+    order = np.argsort(prediction.label_ids, kind="stable")
+    with open(path, "w") as f:
+        for position in order:
+            row = dataset.row(int(prediction.label_ids[position]))
+            image = dataset.images[row][rows.image_column]
+            image = image if isinstance(image, str) else (image.get("path") if isinstance(image, dict) else None)
+            top = [{"answer": id2label[int(i)], "score": round(float(s), 5)} for i, s in zip(ids[position], scores[position])]
+            line = {"question_id": rows.question_ids[row], "image": image, "question": rows.questions[row], "prediction": top[0]["answer"]}
+            line["top_k"] = top
+            line["answers"] = rows.answers[row] if rows.answers is not None else None
+            f.write(json.dumps(line) + "\n")
+
+
+# --- Model, processor and answer set -----------------------------------------------------------------------------
+
+
+def has_answer_set(config) -> bool:
+    """Whether a config carries real answer labels (a VQA checkpoint), not the default LABEL_0, LABEL_1..."""
+    labels = (config.id2label or {}).items()
+    return bool(labels) and any(label != f"LABEL_{i}" for i, label in labels)
+
+
+def load_model_and_processor(model_args: ModelArguments, train_answers: list[list[str]] | None, data_args: DataArguments):
+    """The model with its answer set in id2label/label2id, and a ViltProcessor. A checkpoint's own answers are
+    kept unless --rebuild_answer_vocab; otherwise the answer set is built from the training answers."""
+    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision}
+    source = model_args.model_name_or_path or model_args.config_name
+    config = AutoConfig.from_pretrained(source, **hub)
+    if config.model_type != "vilt":
+        raise ValueError(f"{source!r} is a {config.model_type!r} model; this script fine-tunes ViLT (model_type 'vilt').")
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+
+    rebuild = model_args.rebuild_answer_vocab or not has_answer_set(config)
+    if not rebuild:
+        logger.info("Keeping the %d answers of %s (pass --rebuild_answer_vocab to build them from the data)", config.num_labels, source)
+    else:
+        if train_answers is None:
+            raise ValueError(
+                f"{source!r} has no answer set (id2label) to predict from: fine-tune it with --do_train, which builds "
+                "one from the training answers, or pass a checkpoint fine-tuned for VQA."
+            )
+        vocab = build_answer_vocab(train_answers, min_count=data_args.min_answer_count, max_answers=data_args.max_answers)
+        if not vocab:
+            raise ValueError(
+                f"No answer is the majority answer of >= {data_args.min_answer_count} training questions: "
+                "lower --min_answer_count."
+            )
+        config.id2label = dict(enumerate(vocab))
+        config.label2id = {answer: i for i, answer in enumerate(vocab)}
+        logger.info("Answer set: %d answers from the training set (min count %d); most frequent: %s", len(vocab), data_args.min_answer_count, vocab[:10])
+
+    if model_args.model_name_or_path:
+        model = ViltForQuestionAnswering.from_pretrained(source, config=config, ignore_mismatched_sizes=rebuild, **hub)
+        if rebuild:  # a new answer set needs a new output layer, even where its size matches the old one
+            output_layer = model.classifier[-1]
+            torch.nn.init.normal_(output_layer.weight, std=config.initializer_range)
+            torch.nn.init.zeros_(output_layer.bias)
+    else:
+        model = ViltForQuestionAnswering(config)
+
+    if model_args.tokenizer_name or model_args.image_processor_name:
+        processor = ViltProcessor(
+            image_processor=AutoImageProcessor.from_pretrained(model_args.image_processor_name or source, **hub),
+            tokenizer=AutoTokenizer.from_pretrained(model_args.tokenizer_name or source, **hub),
+        )
+    else:
+        processor = ViltProcessor.from_pretrained(source, **hub)
+    return model, processor
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # 1. Arguments and logging.
+    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, TrainingArguments), argv)
+    training_args.remove_unused_columns = False  # the collator needs the questions and answers
+    setup_logging(training_args)
+    log_arguments(model_args, data_args)
+    logger.info("Training arguments %s", training_args)
+    resume_from = find_checkpoint_to_resume(training_args)
+
+    # 2. Data: every requested split, columns and values checked before anything heavy happens.
+    wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
+    if not any(wanted.values()):
+        raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
+    splits = load_splits(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file},
+        cache_dir=model_args.cache_dir,
+        image_column=data_args.image_column or "image",
+    )
+    for split, needed in wanted.items():
+        if needed and split not in splits:
+            flag = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}[split]
+            raise ValueError(f"--{flag} needs a {split} split: pass --{split}_file or a --dataset_name that has one.")
+    columns = resolve_columns(splits[next(s for s, needed in wanted.items() if needed)], data_args)
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
+    rows = {}
+    for split, needed in wanted.items():
+        if not needed:
+            continue
+        data = splits[split]
+        check_columns(data, image_column=columns["image"], question_column=columns["question"])
+        if limits[split] is not None:
+            data.rows = data.rows.select(range(min(limits[split], len(data.rows))))
+        rows[split] = read_vqa_rows(data, columns, answers_required=split != "test")
+
+    # 3. Model, processor and answer set; seeded first, as a new answer head is initialized at random.
+    set_seed(training_args.seed)
+    model, processor = load_model_and_processor(model_args, rows["train"].answers if "train" in rows else None, data_args)
+    trainable, total = count_parameters(model)
+    logger.info("%s: %.1fM parameters, %.1fM trainable, %d answers", type(model).__name__, total / 1e6, trainable / 1e6, model.config.num_labels)
+
+    # 4. Preprocessing: images resized as the model's image processor does, padded per batch; questions cut at
+    # the model's 40 text positions; targets are soft scores over the answer set.
+    image_processor = processor.image_processor
+    image_spec = ImageTransformSpec.from_image_processor(image_processor)
+    transform = ViltImageTransform(image_spec, getattr(image_processor, "size_divisor", None))
+    max_length = resolve_max_length(data_args.max_seq_length, processor.tokenizer, model.config)
+    datasets_ = build_vqa_datasets(rows, transform, model.config.label2id)
+
+    # 5. Trainer.
+    trainer = VQATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets_.get("train"),
+        eval_dataset=datasets_.get("validation"),
+        data_collator=VQACollator(processor.tokenizer, max_length, image_spec, model.config.num_labels),
+        processing_class=processor,
+        top_k=data_args.top_k_predictions,
+    )
+
+    # 6. Train, evaluate, predict; every split's metrics land in <split>_results.json and all_results.json.
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.save_model()  # the model with its answers in id2label, and the processor
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        metrics.update(result.metrics)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if training_args.do_predict:
+        prediction = trainer.predict(datasets_["test"], metric_key_prefix="predict")
+        trainer.log_metrics("predict", prediction.metrics)
+        trainer.save_metrics("predict", prediction.metrics)
+        metrics.update(prediction.metrics)
+        if trainer.is_world_process_zero():
+            path = os.path.join(training_args.output_dir, "predictions.jsonl")
+            write_predictions(path, prediction, datasets_["test"], model.config.id2label)
+            logger.info("Wrote %s", path)
+
+    # 7. Model card.
+    if training_args.do_train and trainer.is_world_process_zero():
+        trainer.create_model_card(
+            model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+            tasks="visual-question-answering",
+            dataset=data_args.dataset_name or data_args.train_file,
+            tags=["vilt", "vqa"],
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
