@@ -305,6 +305,14 @@ def test_vqa_gallery_grouped_worst_first(tmp_path):
     assert page.count("data:image/jpeg;base64,") == 7 and "no image" in page
 
 
+def test_vqa_gallery_reads_image_paths_against_a_base_dir(tmp_path):
+    make_images(1)[0].save(tmp_path / "scene.png")
+    items = [{"image": "scene.png", "question": "q?", "prediction": "a", "top_k": [("a", 0.5)], "answers": ["a"], "accuracy": 1.0,
+              "answer_type": None}]
+    page = read(write_vqa_gallery(str(tmp_path / "v.html"), items, image_base_dir=str(tmp_path)))
+    assert page.count("data:image/jpeg;base64,") == 1 and "all questions" in page
+
+
 def test_vqa_gallery_caps_items_and_names_missing_keys(tmp_path):
     page = read(write_vqa_gallery(str(tmp_path / "v.html"), vqa_items(), max_items=4))
     assert len(item_rows(page)) == 4 and "Showing 4 of 8 questions" in page

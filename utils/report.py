@@ -189,9 +189,10 @@ class LazyImages(Sequence):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Image.Image | None:
         value = self.rows[index]
-        return load_image(value if self.column is None else value[self.column], self.base_dir)
+        value = value if self.column is None else value[self.column]
+        return None if value is None else load_image(value, self.base_dir)
 
 
 def image_to_data_uri(image, size: int = THUMBNAIL_SIZE, quality: int = JPEG_QUALITY) -> str:
@@ -585,10 +586,12 @@ def write_vqa_gallery(
     max_items: int = 50,
     summary: dict | None = None,
     title: str = "Visual question answering",
+    image_base_dir: str | None = None,
 ) -> str:
     """Questions grouped by answer type, worst accuracy first within each group.
 
-    Each item: `image` (PIL image, path or datasets value; None for none), `question`, `prediction`, `top_k`
+    Each item: `image` (PIL image, or a path or datasets value, decoded only if shown, relative paths against
+    `image_base_dir`; None for none), `question`, `prediction`, `top_k`
     ([(answer, score)] or [{"answer", "score"}], best first, as predictions.jsonl writes them), `answers` (the
     annotators'; None when unknown), `accuracy` (official VQA accuracy; None when unknown), `answer_type`
     (None puts it in "all questions"); optional `image_name`, `question_id`. A top-k answer that the
@@ -602,7 +605,7 @@ def write_vqa_gallery(
             raise ValueError(f"VQA gallery item {i} has no {missing}; its keys are {sorted(item)}")
     shown = list(items[:max_items])
     names = [str(item.get("image_name") or item.get("question_id") or f"#{i}") for i, item in enumerate(shown)]
-    thumbnails = _Thumbnails([item.get("image") for item in shown], names)
+    thumbnails = _Thumbnails(LazyImages([item.get("image") for item in shown], base_dir=image_base_dir), names)
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(shown):
         groups.setdefault(str(item.get("answer_type") or "all questions"), []).append(i)
