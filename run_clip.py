@@ -16,6 +16,7 @@ A pretrained ViT and a pretrained BERT joined by new projections, from a config 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -89,6 +90,11 @@ class ModelArguments:
     gather_negatives: bool = field(
         default=True, metadata={"help": "With several processes, contrast against the features of every process."}
     )
+    contrastive_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Encode each batch in chunks of this size with cached features (GradCache): the whole batch is "
+                          "contrasted while activations are kept for one chunk at a time. gradient_accumulation_steps adds no negatives."},
+    )
 
     def __post_init__(self):
         ways = [bool(self.model_name_or_path), bool(self.vision_model_name_or_path or self.text_model_name_or_path), bool(self.config_name)]
@@ -104,6 +110,8 @@ class ModelArguments:
         for name in ("freeze_vision_steps", "freeze_text_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.contrastive_chunk_size is not None and self.contrastive_chunk_size < 1:
+            raise ValueError(f"--contrastive_chunk_size must be >= 1, got {self.contrastive_chunk_size}.")
         if self.max_logit_scale < 1:
             raise ValueError(f"--max_logit_scale must be >= 1, got {self.max_logit_scale}.")
 
@@ -202,7 +210,11 @@ class ClipTrainer(Trainer):
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        chunk_size = self.model_args.contrastive_chunk_size
+        if chunk_size and len(inputs["pixel_values"]) > chunk_size:
+            loss = self._cached_feature_step(model, inputs, chunk_size)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         # Progressive training: a tower still in its frozen phase gets no update. Dropping its gradients
         # (rather than not computing them) keeps every parameter in the graph, as DDP requires.
         step = self.state.global_step
@@ -212,6 +224,50 @@ class ClipTrainer(Trainer):
                     if name.startswith(prefix):
                         parameter.grad = None
         return loss
+
+    def _cached_feature_step(self, model, inputs, chunk_size: int) -> torch.Tensor:
+        """GradCache (Gao et al. 2021): the gradient of the loss over the whole batch, with activations held
+        for one chunk at a time. (1) Encode every chunk without a graph; (2) compute the loss on the cached
+        features and its gradient with respect to them and to the temperature; (3) re-encode each chunk with a
+        graph, replaying its random state (dropout), and back-propagate the cached gradient through it. The
+        parameter gradient is exactly that of one big step."""
+        if self.is_deepspeed_enabled:
+            raise ValueError("--contrastive_chunk_size is not supported with DeepSpeed; use a larger per-device batch instead.")
+        model.train()
+        inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k != "caption_counts"})
+        size = len(inputs["pixel_values"])
+        chunks = [{k: v[start : start + chunk_size] for k, v in inputs.items()} for start in range(0, size, chunk_size)]
+        rng_states, image_parts, text_parts = [], [], []
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for chunk in chunks:
+                rng_states.append(_rng_state())
+                outputs = model(**chunk)
+                image_parts.append(outputs.image_embeds.float())
+                text_parts.append(outputs.text_embeds.float())
+        after_first_pass = _rng_state()
+        image = torch.cat(image_parts).requires_grad_()
+        text = torch.cat(text_parts).requires_grad_()
+        unwrapped = self.accelerator.unwrap_model(model)
+        log_scale = unwrapped.logit_scale.detach().clone().requires_grad_()
+        loss = clip_loss(image, text, log_scale.exp(), gather_distributed=self.model_args.gather_negatives)
+        loss.backward()
+        accumulation = self.current_gradient_accumulation_steps
+        start = 0
+        for index, (chunk, state) in enumerate(zip(chunks, rng_states)):
+            last = index == len(chunks) - 1
+            rows = slice(start, start + len(chunk["pixel_values"]))
+            start = rows.stop
+            _set_rng_state(state)
+            # Gradients are all-reduced once, with the last chunk.
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                with self.compute_loss_context_manager():
+                    outputs = model(**chunk)
+                    surrogate = (outputs.image_embeds.float() * image.grad[rows]).sum() + (outputs.text_embeds.float() * text.grad[rows]).sum()
+                    # The temperature's gradient once; zero times it elsewhere keeps it in every graph for DDP.
+                    surrogate = surrogate + unwrapped.logit_scale * (log_scale.grad if last else 0.0)
+                self.accelerator.backward(surrogate / accumulation)
+        _set_rng_state(after_first_pass)
+        return loss.detach() / accumulation
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
         """Embed every image and every caption once, gather them across processes (each sample exactly once),
@@ -258,6 +314,16 @@ class ClipTrainer(Trainer):
             chunk = slice(start, start + block)
             total += clip_loss(image_embeds[chunk], first_caption[chunk], scale).item() * len(image_embeds[chunk])
         return total / max(len(image_embeds), 1)
+
+
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 class ClampLogitScaleCallback(TrainerCallback):

@@ -1,0 +1,105 @@
+"""Several processes (real torchrun, gloo on CPU): global negatives, evaluation exactly once, GradCache.
+
+The equality tests train one SGD step on 16 pairs: one process with batch 16 against two processes with batch 8
+each. Both see the same global batch, so with negatives gathered across processes the loss and the updated
+weights must agree to float rounding; with local negatives only they must not.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_clip
+from tests.helpers import read_json
+from utils.demo import build_demo_clip, write_demo_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    data = write_demo_dataset(str(root / "data"), num_train=16, num_validation=13, num_test=1, image_size=32, seed=2)
+    build_demo_clip(str(root / "clip"))
+    return {"data": data, "clip": str(root / "clip")}
+
+
+def step_args(assets, output_dir, batch_size, *extra):
+    return [
+        "--model_name_or_path", assets["clip"], "--train_file", assets["data"]["train"], "--output_dir", str(output_dir),
+        "--do_train", "--max_steps", "1", "--learning_rate", "0.1", "--optim", "sgd", "--per_device_train_batch_size", str(batch_size),
+        "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--dataloader_num_workers", "0",
+        *extra,
+    ]
+
+
+def torchrun(args, nproc=2):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               os.path.join(REPO, "run_clip.py"), *args]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def logged_loss(output_dir):
+    history = read_json(os.path.join(output_dir, "trainer_state.json"))["log_history"]
+    return next(h["loss"] for h in history if "loss" in h)
+
+
+def max_weight_difference(dir_a, dir_b):
+    a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_process_big_batch(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process")
+    run_clip.main(step_args(assets, out, 16))
+    return out
+
+
+def test_two_processes_with_global_negatives_equal_one_process_with_the_global_batch(assets, one_process_big_batch, tmp_path):
+    update = max_weight_difference(one_process_big_batch, assets["clip"])
+    torchrun(step_args(assets, tmp_path / "global", 8))
+    assert logged_loss(tmp_path / "global") == pytest.approx(logged_loss(one_process_big_batch), rel=1e-5)
+    assert max_weight_difference(one_process_big_batch, tmp_path / "global") < 1e-4 * update
+
+    torchrun(step_args(assets, tmp_path / "local", 8, "--gather_negatives", "false"))
+    assert logged_loss(tmp_path / "local") < logged_loss(one_process_big_batch) - 0.1  # 8 negatives, not 16
+    assert max_weight_difference(one_process_big_batch, tmp_path / "local") > 0.05 * update
+
+
+def test_cached_features_equal_one_big_batch(assets, one_process_big_batch, tmp_path):
+    """GradCache: the batch of 16 encoded in chunks of 4 (and 2 processes x 8 in uneven chunks of 3) gives the
+    gradient of the whole batch."""
+    update = max_weight_difference(one_process_big_batch, assets["clip"])
+    run_clip.main(step_args(assets, tmp_path / "chunked", 16, "--contrastive_chunk_size", "4"))
+    assert logged_loss(tmp_path / "chunked") == pytest.approx(logged_loss(one_process_big_batch), rel=1e-5)
+    assert max_weight_difference(one_process_big_batch, tmp_path / "chunked") < 1e-4 * update
+    torchrun(step_args(assets, tmp_path / "chunked_ddp", 8, "--contrastive_chunk_size", "3"))
+    assert max_weight_difference(one_process_big_batch, tmp_path / "chunked_ddp") < 1e-4 * update
+
+
+def test_gradient_accumulation_adds_no_negatives(assets, one_process_big_batch, tmp_path):
+    """Documented behaviour: 4 micro-batches of 4 are 4 contrastive problems of 4, not one of 16."""
+    run_clip.main(step_args(assets, tmp_path / "accumulated", 4, "--gradient_accumulation_steps", "4"))
+    assert logged_loss(tmp_path / "accumulated") < logged_loss(one_process_big_batch) - 0.3
+
+
+def test_evaluation_under_two_processes_scores_every_sample_once(assets, tmp_path):
+    """13 images over 2 processes with batches of 4: the padded sampler repeats samples; they must not count."""
+    args = ["--model_name_or_path", assets["clip"], "--validation_file", assets["data"]["validation"], "--do_eval",
+            "--per_device_eval_batch_size", "4", "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0"]
+    single = run_clip.main([*args, "--output_dir", str(tmp_path / "single")])
+    torchrun([*args, "--output_dir", str(tmp_path / "double")])
+    double = read_json(tmp_path / "double" / "eval_results.json")
+    compared = [k for k in single if k.endswith(("_r1", "_r5", "_r10", "_rank", "_loss"))]
+    assert len(compared) == 11
+    for key in compared:
+        assert double[key] == pytest.approx(single[key], abs=1e-6), key
