@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,13 @@ from transformers.trainer_utils import EvalLoopOutput
 from utils.data import ImageTextDataset, SetEpochCallback, check_columns, guess_column, load_splits
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
 from utils.losses import clip_loss
+from utils.report import (
+    LazyImages,
+    append_to_model_card,
+    build_model_card_section,
+    plot_training_curves,
+    write_retrieval_gallery,
+)
 from utils.retrieval import chance_recall, retrieval_metrics
 from utils.text import resolve_max_length
 from utils.training import (
@@ -131,6 +139,7 @@ class DataArguments:
     max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
     augment: bool = field(default=False, metadata={"help": "Random resized crop and horizontal flip in training."})
     retrieval_chunk_size: int = field(default=1024, metadata={"help": "Queries scored at once in retrieval (memory: chunk x N)."})
+    gallery_size: int = field(default=50, metadata={"help": "Images shown in output_dir/gallery_<split>.html after evaluation (0: none)."})
 
     def __post_init__(self):
         if not (self.dataset_name or self.train_file or self.validation_file or self.test_file):
@@ -192,6 +201,11 @@ class ClipTrainer(Trainer):
         logit_scale = self.accelerator.unwrap_model(model).logit_scale.exp()
         loss = clip_loss(outputs.image_embeds, outputs.text_embeds, logit_scale, gather_distributed=self.model_args.gather_negatives)
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:  # the temperature, beside the training loss, in the logs and the curves
+            logs["logit_scale"] = round(self.accelerator.unwrap_model(self.model).logit_scale.detach().float().exp().item(), 4)
+        super().log(logs, start_time)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -338,6 +352,25 @@ class ClampLogitScaleCallback(TrainerCallback):
             model.logit_scale.clamp_(0, self.max_log)
 
 
+def write_gallery(trainer: ClipTrainer, dataset: ImageTextDataset, metrics: dict, path: str, size: int) -> None:
+    """Top-5 retrieved captions per image and top images per caption, hits marked, from the embeddings of the
+    evaluation that just ran."""
+    embeddings = trainer.last_embeddings
+    values = dataset.images[dataset.image_column]
+    write_retrieval_gallery(
+        path,
+        LazyImages(dataset.images, dataset.image_column, dataset.base_dir),
+        [value if isinstance(value, str) else f"#{i}" for i, value in enumerate(values)],
+        [caption for captions in dataset.captions for caption in captions],
+        embeddings["text_to_image"].tolist(),
+        embeddings["image"],
+        embeddings["text"],
+        max_items=size,
+        summary={k: v for k, v in metrics.items() if k.endswith(("_r1", "_r5", "_r10", "_loss"))},
+    )
+    logger.info("Wrote %s", path)
+
+
 # --- Model and processor ----------------------------------------------------------------------------------
 
 
@@ -460,25 +493,31 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
         metrics.update(result.metrics)
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    if training_args.do_predict:
-        predict_metrics = trainer.predict(datasets_["test"], metric_key_prefix="predict").metrics
-        trainer.log_metrics("predict", predict_metrics)
-        trainer.save_metrics("predict", predict_metrics)
-        metrics.update(predict_metrics)
+    for split, prefix, run in (("validation", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict)):
+        if not run:
+            continue
+        if split == "validation":
+            split_metrics = trainer.evaluate()
+        else:
+            split_metrics = trainer.predict(datasets_[split], metric_key_prefix=prefix).metrics
+        trainer.log_metrics(prefix, split_metrics)
+        trainer.save_metrics(prefix, split_metrics)
+        metrics.update(split_metrics)
+        if data_args.gallery_size and trainer.is_world_process_zero():
+            write_gallery(trainer, datasets_[split], split_metrics, os.path.join(training_args.output_dir, f"gallery_{split}.html"), data_args.gallery_size)
 
-    # 7. Model card.
-    if training_args.do_train and trainer.is_world_process_zero():
-        trainer.create_model_card(
-            model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-            tasks="zero-shot-image-classification",
-            dataset=data_args.dataset_name or data_args.train_file,
-            tags=["contrastive-image-text", "clip"],
-        )
+    # 7. What the run leaves to look at: the curves, and a model card with the command and the metrics.
+    if trainer.is_world_process_zero():
+        curves = plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"))
+        if training_args.do_train:
+            data = data_args.dataset_name or data_args.train_file
+            trainer.create_model_card(
+                model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+                tasks="zero-shot-image-classification",
+                dataset=data,
+                tags=["contrastive-image-text", "clip"],
+            )
+            append_to_model_card(training_args.output_dir, build_model_card_section(["python", "run_clip.py", *(sys.argv[1:] if argv is None else argv)], data, metrics, curves))
     return metrics
 
 

@@ -214,3 +214,19 @@ def test_model_sources_are_exclusive():
         run_clip.ModelArguments(model_name_or_path="a", config_name="b")
     with pytest.raises(ValueError, match="go together"):
         run_clip.ModelArguments(vision_model_name_or_path="a")
+
+
+def test_run_leaves_curves_gallery_and_model_card(assets, tmp_path):
+    from PIL import Image
+
+    run_clip.main(common_args(assets, tmp_path, "--model_name_or_path", assets["clip"], "--logging_steps", "1", "--gallery_size", "5"))
+    history = read_json(tmp_path / "trainer_state.json")["log_history"]
+    assert all(h["logit_scale"] > 1 for h in history if "loss" in h)
+    with Image.open(tmp_path / "training_curves.png") as curves:
+        assert curves.size[0] > 300
+    for split in ("validation", "test"):
+        page = (tmp_path / f"gallery_{split}.html").read_text()
+        assert page.count("data:image/jpeg;base64") >= 5
+        assert "Showing 5 of" in page
+    card = (tmp_path / "README.md").read_text()
+    assert "run_clip.py" in card and "eval_i2t_r1" in card and "training_curves.png" in card
