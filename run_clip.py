@@ -39,7 +39,7 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalLoopOutput
 
-from utils.data import ImageTextDataset, SetEpochCallback, check_columns, guess_column, load_splits
+from utils.data import ImageTextDataset, SetEpochCallback, SkippedSamples, check_columns, guess_column, load_splits
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
 from utils.losses import clip_loss
 from utils.report import (
@@ -52,7 +52,11 @@ from utils.report import (
 from utils.retrieval import chance_recall, retrieval_metrics
 from utils.text import resolve_max_length
 from utils.training import (
+    NonFiniteGuard,
+    RunArguments,
     build_param_groups,
+    check_disk_space,
+    check_output_dir,
     count_parameters,
     find_checkpoint_to_resume,
     freeze,
@@ -356,10 +360,10 @@ def write_gallery(trainer: ClipTrainer, dataset: ImageTextDataset, metrics: dict
     """Top-5 retrieved captions per image and top images per caption, hits marked, from the embeddings of the
     evaluation that just ran."""
     embeddings = trainer.last_embeddings
-    values = dataset.images[dataset.image_column]
+    values = [dataset.image_value(i) for i in range(len(dataset))]
     write_retrieval_gallery(
         path,
-        LazyImages(dataset.images, dataset.image_column, dataset.base_dir),
+        LazyImages(dataset.images.select(dataset.rows), dataset.image_column, dataset.base_dir),
         [value if isinstance(value, str) else f"#{i}" for i, value in enumerate(values)],
         [caption for captions in dataset.captions for caption in captions],
         embeddings["text_to_image"].tolist(),
@@ -412,12 +416,14 @@ def load_model_and_processor(model_args: ModelArguments):
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. Arguments and logging.
-    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, TrainingArguments), argv)
+    model_args, data_args, run_args, training_args = parse_args((ModelArguments, DataArguments, RunArguments, TrainingArguments), argv)
     training_args.remove_unused_columns = False  # the collator needs the caption fields
+    training_args.logging_nan_inf_filter = False  # a non-finite loss must stop the run, not vanish in an average
     setup_logging(training_args)
-    log_arguments(model_args, data_args)
+    log_arguments(model_args, data_args, run_args)
     logger.info("Training arguments %s", training_args)
     resume_from = find_checkpoint_to_resume(training_args)
+    check_output_dir(training_args, run_args, resuming=resume_from is not None)
 
     # 2. Data: every requested split, columns checked before anything heavy happens.
     wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
@@ -449,6 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
         freeze(model.text_model)
     trainable, total = count_parameters(model)
     logger.info("%s: %.1fM parameters, %.1fM trainable", type(model).__name__, total / 1e6, trainable / 1e6)
+    check_disk_space(training_args.output_dir, model, training=training_args.do_train)
 
     # 4. Preprocessing: transforms from the model's own image processor, captions cut at the model's limit.
     image_spec = ImageTransformSpec.from_image_processor(processor.image_processor)
@@ -456,6 +463,9 @@ def main(argv: list[str] | None = None) -> dict:
     max_length = resolve_max_length(data_args.max_seq_length, processor.tokenizer, text_config)
     logger.info("Images: %s; captions truncated at %d tokens, padded to the longest in each batch", image_spec, max_length)
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
+    # Unusable rows are left out and listed; evaluation images are decoded in full up front, so every metric
+    # is computed on a known set of samples.
+    skip_log = SkippedSamples(os.path.join(training_args.output_dir, "skipped_samples.jsonl"), write=training_args.process_index == 0)
     datasets_ = {}
     for split, needed in wanted.items():
         if not needed:
@@ -465,11 +475,14 @@ def main(argv: list[str] | None = None) -> dict:
             rows.rows = rows.rows.select(range(min(limits[split], len(rows.rows))))
         is_train = split == "train"
         transform = build_image_transform(image_spec, augment=is_train and data_args.augment)
-        datasets_[split] = ImageTextDataset(rows, image_column, caption_column, transform, sample_caption=is_train, seed=training_args.seed)
+        datasets_[split] = ImageTextDataset(
+            rows, image_column, caption_column, transform, sample_caption=is_train, seed=training_args.seed, skip_log=skip_log,
+            split_name=split, decode_check=not is_train, max_bad_fraction=run_args.max_bad_samples_fraction,
+        )
         logger.info("%s: %d images, %d captions", split, len(datasets_[split]), sum(map(len, datasets_[split].captions)))
 
     # 5. Trainer.
-    callbacks = [ClampLogitScaleCallback(model_args.max_logit_scale)]
+    callbacks = [ClampLogitScaleCallback(model_args.max_logit_scale), NonFiniteGuard()]
     if "train" in datasets_:
         callbacks.append(SetEpochCallback(datasets_["train"]))
     trainer = ClipTrainer(
@@ -493,6 +506,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
         metrics.update(result.metrics)
+        if skip_log.count():
+            logger.warning("%d samples were skipped; reasons in %s", skip_log.count(), skip_log.path)
     for split, prefix, run in (("validation", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict)):
         if not run:
             continue

@@ -7,6 +7,8 @@ failing inside `datasets`; relative paths resolve against the folder of the data
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
 import math
 import os
@@ -17,7 +19,7 @@ import datasets
 import torch
 from transformers import TrainerCallback
 
-from .images import load_image
+from .images import ImageLoadError, load_image
 from .text import parse_captions
 
 logger = logging.getLogger(__name__)
@@ -77,10 +79,26 @@ def _load_local(path: str, cache_dir: str | None) -> Split:
     builder = DATA_FILE_EXTENSIONS.get(extension)
     if builder is None:
         raise ValueError(f"data file {path!r}: expected a .csv, .json, .jsonl or .parquet file, or an image folder with metadata.jsonl")
+    if builder in ("csv", "json"):
+        check_utf8(path)
     # keep_default_na/na_filter: pandas would otherwise read captions such as "NA", "None" or "null" as NaN.
     kwargs = {"keep_default_na": False, "na_filter": False} if builder == "csv" else {}
     rows = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, **kwargs)
     return Split(rows, os.path.dirname(path), path)
+
+
+def check_utf8(path: str) -> None:
+    """Text data files must be UTF-8: name the first line that is not, rather than fail deep inside pandas."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                decoder.decode(line)
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"data file {path!r}, line {number}: bytes {line[err.start:err.end]!r} are not UTF-8. "
+                    "Re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                ) from None
 
 
 def check_columns(split: Split, **flag_to_column: str | None) -> None:
@@ -148,31 +166,151 @@ class SetEpochCallback(TrainerCallback):
         self.dataset.set_epoch(math.floor(state.epoch + 1e-6) if state.epoch else 0)
 
 
+class SkippedSamples:
+    """The record of samples left out of a run: counted in the log and listed, one JSON line per sample with
+    its split, row, image and reason, in output_dir/skipped_samples.jsonl. Appends are single writes to a
+    file opened in append mode, so data loader workers and several processes may share one file."""
+
+    def __init__(self, path: str | None, write: bool = True):
+        self.path = path
+        self.write = write and path is not None
+
+    def record(self, split: str, row: int, image, reason: str) -> None:
+        logger.warning("Skipping %s row %d (%s): %s", split, row, image if isinstance(image, str) else "image", reason)
+        if self.write:
+            line = json.dumps({"split": split, "row": row, "image": image if isinstance(image, str) else None, "reason": reason})
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+    def count(self) -> int:
+        if not self.path or not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            return sum(1 for _ in f)
+
+
+def check_image(value, base_dir: str | None, decode: bool) -> str | None:
+    """None if the image value is usable, else the reason. Without `decode`, only what is cheap: the file
+    exists, is not empty and has an image header PIL recognises (a truncated file passes this and is caught
+    when decoded); with `decode`, the whole image is decoded."""
+    from PIL import Image
+
+    try:
+        if decode or not isinstance(value, (str, os.PathLike)):
+            load_image(value, base_dir)
+            return None
+        path = value if (base_dir is None or os.path.isabs(value)) else os.path.join(base_dir, value)
+        if not os.path.exists(path):
+            return f"image file {path!r} does not exist"
+        if os.path.getsize(path) == 0:
+            return f"image file {path!r} is empty (0 bytes)"
+        with Image.open(path) as image:
+            image.size  # parses the header only
+        return None
+    except Exception as err:  # noqa: BLE001 - any failure to read is a reason to skip, reported with its text
+        return str(err)
+
+
+def check_bad_fraction(bad: int, total: int, max_fraction: float, origin: str, log_path: str | None) -> None:
+    """Stop when more than `max_fraction` of a split is unusable: then the data, not a few files, is broken."""
+    if total == 0:
+        raise ValueError(f"{origin} holds no rows.")
+    if bad / total > max_fraction:
+        where = f"; the samples and reasons are listed in {log_path}" if log_path else ""
+        raise ValueError(
+            f"{bad} of {total} rows of {origin} ({bad / total:.1%}) are unusable, more than --max_bad_samples_fraction "
+            f"{max_fraction:g}{where}. Fix the data or raise the fraction."
+        )
+
+
 class ImageTextDataset(EpochAware, torch.utils.data.Dataset):
     """Rows of (image, one or more captions) -> model-ready samples.
 
     Training (`sample_caption=True`) yields {"pixel_values": uint8 (3, H, W), "caption": str}, drawing one of
     the row's captions per epoch from (seed, epoch, index). Evaluation yields {"pixel_values", "captions": all
     of them}.
+
+    Bad data: with a `skip_log`, rows whose captions do not parse, and rows whose image fails `check_image`
+    (header check for training, full decode for evaluation: `decode_check`), are left out before the run
+    starts and recorded; past `max_bad_fraction` the run stops. An image that still fails to decode during
+    training (a truncated file) is recorded and replaced by another row drawn from the sample's seed, so batch
+    sizes stay equal across processes. Without a `skip_log`, any bad value raises at once.
     """
 
-    def __init__(self, split: Split, image_column: str, caption_column: str, transform, sample_caption: bool, seed: int = 0):
+    def __init__(
+        self,
+        split: Split,
+        image_column: str,
+        caption_column: str,
+        transform,
+        sample_caption: bool,
+        seed: int = 0,
+        skip_log: SkippedSamples | None = None,
+        split_name: str = "train",
+        decode_check: bool = False,
+        max_bad_fraction: float = 1.0,
+        check_workers: int = 16,
+    ):
         self.images = split.rows.select_columns([image_column])
         self.image_column = image_column
-        self.captions = parse_caption_column(split, caption_column)
         self.base_dir = split.base_dir
         self.origin = split.origin
         self.transform = transform
         self.sample_caption = sample_caption
         self.seed = seed
+        self.skip_log = skip_log
+        self.split_name = split_name
+        if skip_log is None:
+            self.captions = parse_caption_column(split, caption_column)
+            self.rows = list(range(len(self.captions)))
+        else:
+            self.rows, self.captions = self._usable_rows(split, caption_column, decode_check, check_workers)
+            check_bad_fraction(len(split.rows) - len(self.rows), len(split.rows), max_bad_fraction, split.origin, skip_log.path)
         self._init_epoch()
 
+    def _usable_rows(self, split: Split, caption_column: str, decode: bool, workers: int) -> tuple[list[int], list[list[str]]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        values = self.images[self.image_column]
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # file checks wait on storage, not the CPU
+            image_problems = list(pool.map(lambda v: check_image(v, self.base_dir, decode), values))
+        rows, captions = [], []
+        for row, (value, problem) in enumerate(zip(split.rows[caption_column], image_problems)):
+            try:
+                parsed = parse_captions(value)
+            except ValueError as err:
+                self.skip_log.record(self.split_name, row, values[row], f"column {caption_column!r}: {err}")
+                continue
+            if problem is not None:
+                self.skip_log.record(self.split_name, row, values[row], problem)
+                continue
+            rows.append(row)
+            captions.append(parsed)
+        skipped = len(values) - len(rows)
+        if skipped:
+            logger.warning("%s: skipped %d of %d rows (see %s)", split.origin, skipped, len(values), self.skip_log.path)
+        return rows, captions
+
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.rows)
+
+    def image_value(self, index: int):
+        return self.images[self.rows[index]][self.image_column]
 
     def __getitem__(self, index: int) -> dict:
         rng = random.Random(sample_seed(self.seed, self.epoch, index))
-        image = load_image(self.images[index][self.image_column], self.base_dir)
+        for _ in range(10):
+            value = self.image_value(index)
+            try:
+                image = load_image(value, self.base_dir)
+                break
+            except ImageLoadError as err:
+                if self.skip_log is None or not self.sample_caption:
+                    raise
+                self.skip_log.record(self.split_name, self.rows[index], value, str(err))
+                index = rng.randrange(len(self.rows))  # a replacement, the same on every replay
+        else:
+            raise ImageLoadError(f"{self.origin}: ten images in a row failed to decode; see {self.skip_log.path}")
         pixels = self.transform(image, rng)
         captions = self.captions[index]
         if not self.sample_caption:

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
+import shutil
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import datasets
 import torch
 import transformers
-from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import HfArgumentParser, TrainerCallback
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +80,112 @@ def log_arguments(*dataclasses) -> None:
         logger.info("%s %s", type(args).__name__, {k: v for k, v in vars(args).items() if not k.startswith("_")})
 
 
+@dataclass
+class RunArguments:
+    """How a run treats its output folder and bad data (shared by the three scripts)."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished run found in output_dir."})
+    max_bad_samples_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Skip unreadable samples (listed in output_dir/skipped_samples.jsonl) up to this fraction of a split; past it, stop."},
+    )
+
+    def __post_init__(self):
+        if not 0 <= self.max_bad_samples_fraction <= 1:
+            raise ValueError(f"--max_bad_samples_fraction must be in [0, 1], got {self.max_bad_samples_fraction}.")
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """A checkpoint folder counts only if the Trainer finished writing it: trainer_state.json, written last, is
+    there and parses, and the weights are there. A folder half-written when a run was killed does not."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return any(name.startswith(("model.safetensors", "pytorch_model")) or name.startswith("global_step") for name in os.listdir(path))
+
+
 def find_checkpoint_to_resume(training_args) -> str | None:
     """The checkpoint to resume from: the one named by --resume_from_checkpoint, else the last complete one in
-    output_dir when training would otherwise start over in a folder that already holds checkpoints."""
+    output_dir, so that running a killed command again continues where it stopped."""
     if training_args.resume_from_checkpoint:
         return training_args.resume_from_checkpoint
-    if training_args.do_train and os.path.isdir(training_args.output_dir):
-        last = get_last_checkpoint(training_args.output_dir)
-        if last is not None:
-            logger.info("Resuming from %s, the last checkpoint in output_dir", last)
-        return last
+    if not (training_args.do_train and os.path.isdir(training_args.output_dir)):
+        return None
+    candidates = sorted(
+        (int(m.group(1)), m.string) for m in (_CHECKPOINT.fullmatch(n) for n in os.listdir(training_args.output_dir)) if m
+    )
+    for _, name in reversed(candidates):
+        path = os.path.join(training_args.output_dir, name)
+        if is_complete_checkpoint(path):
+            logger.info("Resuming from %s, the last complete checkpoint in output_dir", path)
+            return path
+        logger.warning("Ignoring %s: an incomplete checkpoint (the run was stopped while writing it)", path)
     return None
+
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+FINISHED_RUN_FILES = ("all_results.json", "train_results.json")
+
+
+def check_output_dir(training_args, run_args: RunArguments, resuming: bool) -> None:
+    """Before any long work: never overwrite a finished run silently, and fail now, not at the first
+    checkpoint, when output_dir cannot be written or its disk is full."""
+    output_dir = training_args.output_dir
+    if training_args.do_train and not resuming and not run_args.overwrite_output_dir and os.path.isdir(output_dir):
+        finished = [name for name in FINISHED_RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
+        if finished:
+            raise ValueError(
+                f"output_dir {output_dir!r} already holds a finished run ({finished[0]}). Pass --overwrite_output_dir "
+                "to replace it, or choose another --output_dir."
+            )
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"output_dir {output_dir!r} is not writable: {err}. Choose another --output_dir.") from None
+
+
+def check_disk_space(output_dir: str, model: torch.nn.Module, training: bool) -> None:
+    """Fail before training when output_dir's disk cannot hold one checkpoint (weights, and for training the
+    optimizer's two moments), rather than at hour six."""
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = parameters * (3 if training else 1)
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise ValueError(
+            f"output_dir {output_dir!r} has {free / 2**30:.2f} GiB free, but one checkpoint of this model needs about "
+            f"{needed / 2**30:.2f} GiB. Free space or choose another --output_dir."
+        )
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop the run with a clear message at the first logged non-finite loss, and before any checkpoint whose
+    weights are not finite, so the last checkpoint on disk is a good one. (Needs logging_nan_inf_filter off,
+    or the Trainer hides non-finite losses in its running average.)"""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save and model is not None:
+            bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+            if bad is not None:
+                raise RuntimeError(
+                    f"Non-finite weights ({bad}) after step {state.global_step}: stopping before saving a checkpoint. "
+                    f"The last good checkpoint is {state.best_model_checkpoint or 'the last checkpoint-* in output_dir'}. "
+                    "Lower the learning rate, or use bf16 instead of fp16."
+                )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise RuntimeError(
+                    f"Non-finite {key} ({value}) at step {state.global_step}: stopping. The checkpoints in "
+                    f"{args.output_dir} were saved before it. Lower the learning rate, or use bf16 instead of fp16."
+                )
 
 
 def freeze(module: torch.nn.Module) -> None:
