@@ -7,6 +7,7 @@ weights must agree to float rounding; with local negatives only they must not.
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -103,3 +104,17 @@ def test_evaluation_under_two_processes_scores_every_sample_once(assets, tmp_pat
     assert len(compared) == 11
     for key in compared:
         assert double[key] == pytest.approx(single[key], abs=1e-6), key
+
+
+def test_accelerate_launch_runs_the_script_unchanged(assets, one_process_big_batch, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # accelerate's --cpu launches one process (or mpirun); its multi-process launcher with the script's --use_cpu runs gloo.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               os.path.join(REPO, "run_clip.py"), *step_args(assets, tmp_path, 8)]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert logged_loss(tmp_path) == pytest.approx(logged_loss(one_process_big_batch), rel=1e-5)
