@@ -20,7 +20,6 @@ import contextlib
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -42,13 +41,7 @@ from transformers.trainer_utils import EvalLoopOutput
 from utils.data import ImageTextDataset, SetEpochCallback, SkippedSamples, check_columns, guess_column, load_splits
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
 from utils.losses import clip_loss
-from utils.report import (
-    LazyImages,
-    append_to_model_card,
-    build_model_card_section,
-    plot_training_curves,
-    write_retrieval_gallery,
-)
+from utils.report import LazyImages, write_retrieval_gallery
 from utils.retrieval import chance_recall, retrieval_metrics
 from utils.text import resolve_max_length
 from utils.training import (
@@ -63,6 +56,7 @@ from utils.training import (
     log_arguments,
     parse_args,
     setup_logging,
+    write_run_report,
 )
 
 logger = logging.getLogger(__name__)
@@ -522,17 +516,8 @@ def main(argv: list[str] | None = None) -> dict:
             write_gallery(trainer, datasets_[split], split_metrics, os.path.join(training_args.output_dir, f"gallery_{split}.html"), data_args.gallery_size)
 
     # 7. What the run leaves to look at: the curves, and a model card with the command and the metrics.
-    if trainer.is_world_process_zero():
-        curves = plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"))
-        if training_args.do_train:
-            data = data_args.dataset_name or data_args.train_file
-            trainer.create_model_card(
-                model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-                tasks="zero-shot-image-classification",
-                dataset=data,
-                tags=["contrastive-image-text", "clip"],
-            )
-            append_to_model_card(training_args.output_dir, build_model_card_section(["python", "run_clip.py", *(sys.argv[1:] if argv is None else argv)], data, metrics, curves))
+    write_run_report(trainer, "run_clip.py", argv, data_args.dataset_name or data_args.train_file, metrics,
+                     tasks="zero-shot-image-classification", tags=["contrastive-image-text", "clip"])
     return metrics
 
 

@@ -221,3 +221,20 @@ def build_param_groups(
         {"params": params, "lr": lr, "weight_decay": weight_decay if decay else 0.0}
         for (lr, decay), params in groups.items()
     ]
+
+
+def write_run_report(trainer, script: str, argv: list[str] | None, data: str | None, metrics: dict, tasks: str, tags: list[str]) -> None:
+    """What a finished run leaves to look at, from the main process: training_curves.png from the log history
+    and, after training, the model card with the command, the data, the metrics table and the curves."""
+    from .report import append_to_model_card, build_model_card_section, plot_training_curves
+
+    if not trainer.is_world_process_zero():
+        return
+    output_dir = trainer.args.output_dir
+    curves = plot_training_curves(trainer.state.log_history, os.path.join(output_dir, "training_curves.png"))
+    if trainer.args.do_train:
+        trainer.create_model_card(
+            model_name=os.path.basename(os.path.normpath(output_dir)), tasks=tasks, dataset=data, tags=tags
+        )
+        command = ["python", script, *(sys.argv[1:] if argv is None else argv)]
+        append_to_model_card(output_dir, build_model_card_section(command, data or "", metrics, curves))
