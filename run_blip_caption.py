@@ -48,7 +48,15 @@ from utils.caption_metrics import describe_skipped_metrics, score_captions
 from utils.data import ImageTextDataset, check_columns, guess_column, load_splits
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
 from utils.text import resolve_max_length
-from utils.training import count_parameters, find_checkpoint_to_resume, freeze, log_arguments, parse_args, setup_logging
+from utils.training import (
+    count_parameters,
+    find_checkpoint_to_resume,
+    freeze,
+    log_arguments,
+    parse_args,
+    setup_logging,
+    write_run_report,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -571,14 +579,9 @@ def main(argv: list[str] | None = None) -> dict:
                     f.write(json.dumps({"image": image, "prediction": prediction, "references": test.captions[row]}) + "\n")
             logger.info("Wrote %d captions to %s", len(output.predictions), path)
 
-    # 7. Model card.
-    if training_args.do_train and trainer.is_world_process_zero():
-        trainer.create_model_card(
-            model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-            tasks="image-text-to-text",
-            dataset=data_args.dataset_name or data_args.train_file,
-            tags=["image-captioning", model.config.model_type],
-        )
+    # 7. What the run leaves to look at: the curves, and a model card with the command and the metrics.
+    write_run_report(trainer, "run_blip_caption.py", argv, data_args.dataset_name or data_args.train_file, metrics,
+                     tasks="image-text-to-text", tags=["image-captioning", model.config.model_type])
     return metrics
 
 

@@ -325,6 +325,7 @@ def test_blip_end_to_end(assets, tmp_path):
     check_predictions(tmp_path, assets["data"]["test"], metrics)
     assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)).__name__ == "BlipForConditionalGeneration"
     assert type(AutoProcessor.from_pretrained(tmp_path)).__name__ == "BlipProcessor"
+    assert "run_blip_caption.py" in (tmp_path / "README.md").read_text()  # the model card, with the command
     image = os.path.join(os.path.dirname(assets["data"]["test"]), "images", "test_00000.png")
     assert isinstance(caption_with_pipeline(tmp_path, image, prompt="a picture of"), str)
 
