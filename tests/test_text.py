@@ -91,3 +91,11 @@ def test_demo_tokenizer_is_the_same_on_every_build(clip_tokenizer):
     assert again.get_vocab() == clip_tokenizer.get_vocab()
     assert again("a red circle in the top left")["input_ids"] == clip_tokenizer("a red circle in the top left")["input_ids"]
     assert len(clip_tokenizer("a red circle")["input_ids"]) == 5  # whole words: bos, a, red, circle, eos
+
+
+def test_demo_bert_tokenizer_knows_the_demo_words(tmp_path):
+    from utils.demo import build_demo_bert_tokenizer
+
+    tokenizer = build_demo_bert_tokenizer(str(tmp_path))
+    assert tokenizer.tokenize("A red circle in the top left?") == ["a", "red", "circle", "in", "the", "top", "left", "?"]
+    assert tokenizer.unk_token not in tokenizer.tokenize("purple cross, bottom right")

@@ -226,7 +226,7 @@ def build_demo_bert_tokenizer(directory: str):
     vocab_file = os.path.join(directory, "vocab.txt")
     with open(vocab_file, "w") as f:
         f.write("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizer(vocab_file=vocab_file, do_lower_case=True)
+    tokenizer = BertTokenizer(vocab=vocab_file, do_lower_case=True)  # transformers 5 ignores vocab_file=
     tokenizer.save_pretrained(directory)
     return tokenizer
 
