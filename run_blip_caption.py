@@ -45,10 +45,15 @@ from transformers import (
 from transformers.trainer_utils import EvalLoopOutput
 
 from utils.caption_metrics import describe_skipped_metrics, score_captions
-from utils.data import ImageTextDataset, check_columns, guess_column, load_splits
+from utils.report import LazyImages, write_caption_gallery
+from utils.data import ImageTextDataset, SkippedSamples, check_columns, guess_column, load_splits
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
 from utils.text import resolve_max_length
 from utils.training import (
+    NonFiniteGuard,
+    RunArguments,
+    check_disk_space,
+    check_output_dir,
     count_parameters,
     find_checkpoint_to_resume,
     freeze,
@@ -125,6 +130,7 @@ class DataArguments:
 @dataclass
 class CaptionArguments:
     prompt: str = field(default="", metadata={"help": "Text every caption starts from, in training and generation; stripped from reported captions."})
+    gallery_size: int = field(default=50, metadata={"help": "Images shown in output_dir/gallery_<split>.html, worst CIDEr first (0: none)."})
     num_beams: int = field(default=3, metadata={"help": "Beam search width in evaluation and prediction (BLIP on COCO: 3)."})
     max_new_tokens: int = field(default=20, metadata={"help": "Most tokens generated per caption, after the prompt."})
     min_new_tokens: int = field(default=0, metadata={"help": "Fewest tokens generated per caption before it may end (BLIP on COCO: 5)."})
@@ -295,13 +301,13 @@ def decode_caption(tokenizer, tokens: list[int], end_id: int) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def compute_metrics(predictions: list[str], references: list[list[str]], use_java: bool | None = None) -> dict[str, float]:
+def compute_metrics(predictions: list[str], references: list[list[str]], use_java: bool | None = None):
     """COCO caption metrics of one generated caption per image against all its references, as pycocoevalcap
-    computes them; METEOR needs Java, and the log says when and why it is left out."""
+    computes them, and the per-image scores; METEOR needs Java, and the log says when and why it is left out."""
     scores = score_captions(predictions, references, use_java)
     for metric, reason in scores.skipped.items():
         logger.warning("Caption metric %s skipped: %s", metric, reason)
-    return scores.metrics
+    return scores
 
 
 class CaptionTrainer(Trainer):
@@ -357,9 +363,11 @@ class CaptionTrainer(Trainer):
             counts.append(count.cpu())
         predictions = [caption for _, caption in sorted(zip(rows, captions))]
         references = [dataloader.dataset.references(row) for row in sorted(rows)]
-        metrics = compute_metrics(predictions, references, self.use_java)
+        scores = compute_metrics(predictions, references, self.use_java)
+        metrics = dict(scores.metrics)
         metrics["loss"] = (torch.cat(loss_sums).sum() / torch.cat(counts).sum().clamp(min=1)).item()
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.last_predictions, self.last_per_image_cider = predictions, scores.per_image["cider"]
         return EvalLoopOutput(predictions=predictions, label_ids=None, metrics=metrics, num_samples=len(predictions))
 
 
@@ -470,14 +478,18 @@ def image_reference(value, row: int):
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. Arguments and logging.
-    model_args, data_args, caption_args, training_args = parse_args((ModelArguments, DataArguments, CaptionArguments, TrainingArguments), argv)
+    model_args, data_args, caption_args, run_args, training_args = parse_args(
+        (ModelArguments, DataArguments, CaptionArguments, RunArguments, TrainingArguments), argv
+    )
     training_args.remove_unused_columns = False  # the collator needs the caption fields
+    training_args.logging_nan_inf_filter = False  # a non-finite loss must stop the run, not vanish in an average
     if training_args.label_smoothing_factor:
         raise ValueError("--label_smoothing_factor is not read by this script's loss: pass --label_smoothing instead.")
     setup_logging(training_args)
-    log_arguments(model_args, data_args, caption_args)
+    log_arguments(model_args, data_args, caption_args, run_args)
     logger.info("Training arguments %s", training_args)
     resume_from = find_checkpoint_to_resume(training_args)
+    check_output_dir(training_args, run_args, resuming=resume_from is not None)
     if caption_args.use_java and describe_skipped_metrics(use_java=True):
         raise ValueError(f"--use_java true, but {describe_skipped_metrics(use_java=True)['meteor']}: install Java, or pass --use_java false.")
 
@@ -508,6 +520,7 @@ def main(argv: list[str] | None = None) -> dict:
     freeze_towers(model, model_args)
     trainable, total = count_parameters(model)
     logger.info("%s: %.1fM parameters, %.1fM trainable", type(model).__name__, total / 1e6, trainable / 1e6)
+    check_disk_space(training_args.output_dir, model, training=training_args.do_train)
 
     # 4. Preprocessing: transforms from the model's own image processor; captions laid out as generate lays them out.
     image_spec = ImageTransformSpec.from_image_processor(processor.image_processor)
@@ -520,6 +533,8 @@ def main(argv: list[str] | None = None) -> dict:
         image_spec, len(caption_format.start_ids), len(caption_format.prompt_ids), caption_format.end_id, max_length,
     )
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
+    # Unusable rows are left out and listed; evaluation images are decoded in full up front.
+    skip_log = SkippedSamples(os.path.join(training_args.output_dir, "skipped_samples.jsonl"), write=training_args.process_index == 0)
     datasets_ = {}
     for split, needed in wanted.items():
         if not needed:
@@ -527,7 +542,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows = splits[split]
         if limits[split] is not None:
             rows.rows = rows.rows.select(range(min(limits[split], len(rows.rows))))
-        images = ImageTextDataset(rows, image_column, caption_column, build_image_transform(image_spec), sample_caption=False)
+        images = ImageTextDataset(
+            rows, image_column, caption_column, build_image_transform(image_spec), sample_caption=False, seed=training_args.seed,
+            skip_log=skip_log, split_name=split, decode_check=split != "train", max_bad_fraction=run_args.max_bad_samples_fraction,
+        )
         datasets_[split] = CaptionDataset(images, pairs=split == "train")
         logger.info("%s: %d images, %d captions, %d samples", split, len(images), sum(map(len, images.captions)), len(datasets_[split]))
     collator = CaptionCollator(processor.tokenizer, caption_format, max_length, image_spec, data_args.clean_captions, data_args.max_caption_words)
@@ -549,6 +567,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         label_smoothing=model_args.label_smoothing,
         use_java=caption_args.use_java,
+        callbacks=[NonFiniteGuard()],
     )
 
     # 6. Train, evaluate, predict; every split's metrics land in <split>_results.json and all_results.json.
@@ -560,24 +579,37 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
         metrics.update(result.metrics)
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    if training_args.do_predict:
-        output = trainer.predict(datasets_["test"], metric_key_prefix="predict")
-        trainer.log_metrics("predict", output.metrics)
-        trainer.save_metrics("predict", output.metrics)
-        metrics.update(output.metrics)
-        if trainer.is_world_process_zero():
-            test = datasets_["test"].images
+    for split, prefix, run in (("validation", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict)):
+        if not run:
+            continue
+        if split == "validation":
+            split_metrics = trainer.evaluate()
+        else:
+            split_metrics = trainer.predict(datasets_[split], metric_key_prefix=prefix).metrics
+        predictions = trainer.last_predictions  # one caption per image, in the split's order
+        trainer.log_metrics(prefix, split_metrics)
+        trainer.save_metrics(prefix, split_metrics)
+        metrics.update(split_metrics)
+        if not trainer.is_world_process_zero():
+            continue
+        images = datasets_[split].images
+        if split == "test":
             path = os.path.join(training_args.output_dir, "predictions.jsonl")
             with open(path, "w") as f:
-                for row, prediction in enumerate(output.predictions):
-                    image = image_reference(test.images[row][image_column], row)
-                    f.write(json.dumps({"image": image, "prediction": prediction, "references": test.captions[row]}) + "\n")
-            logger.info("Wrote %d captions to %s", len(output.predictions), path)
+                for row, prediction in enumerate(predictions):
+                    image = image_reference(images.image_value(row), row)
+                    f.write(json.dumps({"image": image, "prediction": prediction, "references": images.captions[row]}) + "\n")
+            logger.info("Wrote %d captions to %s", len(predictions), path)
+        if caption_args.gallery_size:
+            per_image = trainer.last_per_image_cider
+            path = write_caption_gallery(
+                os.path.join(training_args.output_dir, f"gallery_{split}.html"),
+                LazyImages(images.images.select(images.rows), image_column, images.base_dir),
+                [image_reference(images.image_value(row), row) for row in range(len(images))],
+                predictions, images.captions, per_image, max_items=caption_args.gallery_size,
+                summary={k: v for k, v in split_metrics.items() if not k.endswith(("runtime", "per_second"))},
+            )
+            logger.info("Wrote %s", path)
 
     # 7. What the run leaves to look at: the curves, and a model card with the command and the metrics.
     write_run_report(trainer, "run_blip_caption.py", argv, data_args.dataset_name or data_args.train_file, metrics,

@@ -288,7 +288,7 @@ def test_metrics_skip_meteor_without_java_and_say_why(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         metrics = rbc.compute_metrics(
             ["a red circle in the top left", "a blue cross"], [["a red circle in the top left", "red circle, top left"], ["a green square"]]
-        )
+        ).metrics
     assert "meteor" not in metrics and set(metrics) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider"}
     assert "meteor skipped: java not found" in caplog.text
 
@@ -328,6 +328,30 @@ def test_blip_end_to_end(assets, tmp_path):
     assert "run_blip_caption.py" in (tmp_path / "README.md").read_text()  # the model card, with the command
     image = os.path.join(os.path.dirname(assets["data"]["test"]), "images", "test_00000.png")
     assert isinstance(caption_with_pipeline(tmp_path, image, prompt="a picture of"), str)
+    for split in ("validation", "test"):  # the galleries: one row per image, each with its thumbnail
+        page = (tmp_path / f"gallery_{split}.html").read_text()
+        assert page.count("data:image/jpeg;base64") >= 3 and "CIDEr" in page
+    assert (tmp_path / "training_curves.png").exists()
+
+
+def test_bad_rows_are_skipped_listed_and_kept_out_of_the_metrics(assets, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.dirname(assets["data"]["test"]), data)
+    rows = [json.loads(line) for line in open(data / "test.jsonl")]
+    (data / "images" / "broken.png").write_bytes(b"not a png")
+    rows[1]["image"] = "images/broken.png"
+    rows[2]["captions"] = ["", "  "]
+    with open(data / "test.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    metrics = rbc.main(common_args(assets, tmp_path / "out", "--model_name_or_path", assets["blip"], "--test_file", str(data / "test.jsonl"),
+                                   "--do_predict", "--max_bad_samples_fraction", "0.5"))
+    skipped = [json.loads(line) for line in open(tmp_path / "out" / "skipped_samples.jsonl")]
+    assert sorted(r["row"] for r in skipped) == [1, 2]
+    predictions = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
+    assert [p["image"] for p in predictions] == [r["image"] for i, r in enumerate(rows) if i not in (1, 2)]
+    assert metrics["predict_samples_per_second"] > 0
 
 
 def test_blip2_end_to_end_trains_only_the_qformer_by_default(assets, tmp_path):
