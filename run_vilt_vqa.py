@@ -21,6 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,11 +40,22 @@ from transformers import (
     set_seed,
 )
 
-from utils.data import Split, check_columns, guess_column, load_splits
-from utils.images import ImageTransformSpec, load_image, normalize_pixels
+from utils.data import SkippedSamples, Split, check_bad_fraction, check_columns, check_image, guess_column, load_splits, sample_seed
+from utils.images import ImageLoadError, ImageTransformSpec, load_image, normalize_pixels
+from utils.report import append_to_model_card, build_model_card_section, plot_training_curves, write_vqa_gallery
 from utils.text import resolve_max_length
-from utils.training import count_parameters, find_checkpoint_to_resume, log_arguments, parse_args, setup_logging
-from utils.vqa import build_answer_vocab, build_soft_targets, parse_answers, soft_score_targets, vqa_score_summary
+from utils.training import (
+    NonFiniteGuard,
+    RunArguments,
+    check_disk_space,
+    check_output_dir,
+    count_parameters,
+    find_checkpoint_to_resume,
+    log_arguments,
+    parse_args,
+    setup_logging,
+)
+from utils.vqa import build_answer_vocab, build_soft_targets, parse_answers, soft_score_targets, vqa_accuracy, vqa_score_summary
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +117,7 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation questions."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test questions."})
     top_k_predictions: int = field(default=5, metadata={"help": "Answers with their scores per question in predictions.jsonl."})
+    gallery_size: int = field(default=50, metadata={"help": "Questions shown in output_dir/gallery_<split>.html after evaluation (0: none)."})
 
     def __post_init__(self):
         if not (self.dataset_name or self.train_file or self.validation_file or self.test_file):
@@ -113,6 +128,8 @@ class DataArguments:
             raise ValueError(f"--max_answers must be >= 1 (or unset), got {self.max_answers}.")
         if self.top_k_predictions < 1:
             raise ValueError(f"--top_k_predictions must be >= 1, got {self.top_k_predictions}.")
+        if self.gallery_size < 0:
+            raise ValueError(f"--gallery_size must be >= 0, got {self.gallery_size}.")
 
 
 # --- What a user adapts for their task: reading rows, images, batching, the metrics ---------------------------
@@ -221,14 +238,18 @@ class VQADataset(torch.utils.data.Dataset):
     """The rows in `keep` (default: all) -> {"pixel_values": uint8 (3, H, W), "question", "example_index", and
     with targets the sparse soft scores "label_ids"/"label_scores"}. `targets` holds one `soft_score_targets`
     per row of `rows`. `example_index` is the position in this dataset: the evaluation gathers it to find each
-    prediction's question."""
+    prediction's question. With a `skip_log` (training), an image that fails to decode although its header
+    passed the up-front check (a truncated file) is recorded and replaced by another row, drawn from the index,
+    so batch sizes stay equal across processes; otherwise it raises."""
 
-    def __init__(self, rows: VQARows, transform: ViltImageTransform, targets: list | None = None, keep: list[int] | None = None):
+    def __init__(self, rows: VQARows, transform: ViltImageTransform, targets: list | None = None, keep: list[int] | None = None,
+                 skip_log: SkippedSamples | None = None, split_name: str = "train", seed: int = 0):
         self.rows = rows
         self.images = rows.split.rows.select_columns([rows.image_column])
         self.transform = transform
         self.targets = targets
         self.keep = list(range(len(rows.questions))) if keep is None else keep
+        self.skip_log, self.split_name, self.seed = skip_log, split_name, seed
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -237,35 +258,76 @@ class VQADataset(torch.utils.data.Dataset):
         """The row of the data file behind `index`."""
         return self.keep[index]
 
+    def image_value(self, index: int):
+        return self.images[self.keep[index]][self.rows.image_column]
+
     def __getitem__(self, index: int) -> dict:
+        rng = random.Random(sample_seed(self.seed, 0, index))
+        for _ in range(10):
+            try:
+                image = load_image(self.image_value(index), self.rows.split.base_dir)
+                break
+            except ImageLoadError as err:
+                if self.skip_log is None:
+                    raise
+                self.skip_log.record(self.split_name, self.row(index), self.image_value(index), str(err))
+                index = rng.randrange(len(self))
+        else:
+            raise ImageLoadError(f"{self.rows.split.origin}: ten images in a row failed to decode; see {self.skip_log.path}")
         row = self.keep[index]
-        image = load_image(self.images[row][self.rows.image_column], self.rows.split.base_dir)
         sample = {"pixel_values": self.transform(image), "question": self.rows.questions[row], "example_index": index}
         if self.targets is not None:
             sample["label_ids"], sample["label_scores"] = self.targets[row]
         return sample
 
 
-def build_vqa_datasets(rows: dict[str, VQARows], transform: ViltImageTransform, label2id: dict[str, int]) -> dict[str, VQADataset]:
-    """Split name -> VQADataset with soft-score targets over `label2id`. A training question none of whose
-    answers is in the answer set would have an all-zero target, teaching only "none of these": training drops
-    it (BUTD, ViLT). Validation and test keep every question: those score 0, as in the official evaluation."""
+def find_unusable_rows(rows: VQARows, decode: bool, skip_log: SkippedSamples, split_name: str, workers: int = 16) -> set[int]:
+    """Rows whose image fails `check_image` (a header check, or with `decode` a full decode), recorded in
+    `skip_log`. Each image file is checked once: VQAv2 asks about five questions per image."""
+    values = list(rows.split.rows[rows.image_column])
+    keys = [value if isinstance(value, str) else ("row", row) for row, value in enumerate(values)]
+    distinct = dict(zip(keys, values))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # file checks wait on storage, decoding releases the GIL
+        problems = dict(zip(distinct, pool.map(lambda v: check_image(v, rows.split.base_dir, decode), distinct.values())))
+    bad = set()
+    for row, key in enumerate(keys):
+        if problems[key] is not None:
+            skip_log.record(split_name, row, values[row], problems[key])
+            bad.add(row)
+    if bad:
+        logger.warning("%s: skipped %d of %d questions with unusable images (see %s)", rows.split.origin, len(bad), len(keys), skip_log.path)
+    return bad
+
+
+def build_vqa_datasets(rows: dict[str, VQARows], transform: ViltImageTransform, label2id: dict[str, int],
+                       skip_log: SkippedSamples, max_bad_fraction: float, seed: int = 0) -> dict[str, VQADataset]:
+    """Split name -> VQADataset with soft-score targets over `label2id`.
+
+    A training question none of whose answers is in the answer set would have an all-zero target, teaching only
+    "none of these": training drops it (BUTD, ViLT). Validation and test keep every such question: it scores 0,
+    as in the official evaluation. Questions whose image is unusable are left out of every split and listed in
+    `skip_log` (evaluation images are decoded in full up front, so the metrics cover a known set of questions);
+    past `max_bad_fraction` of a split, the run stops."""
     datasets_ = {}
     for split, split_rows in rows.items():
-        if split_rows.answers is None:
-            datasets_[split] = VQADataset(split_rows, transform)
-            continue
-        targets = [soft_score_targets(answers, label2id) for answers in split_rows.answers]
-        answerable = [i for i, (label_ids, _) in enumerate(targets) if label_ids]
-        unanswerable = len(targets) - len(answerable)
-        if split == "train":
-            logger.info("train: dropped %d of %d questions with no answer in the answer set", unanswerable, len(targets))
-            if not answerable:
-                raise ValueError("No training question has an answer in the answer set: check --answers_column and the model's answers.")
-            datasets_[split] = VQADataset(split_rows, transform, targets, keep=answerable)
-        else:
-            logger.info("%s: %d questions, %d with no answer in the answer set (they score 0)", split, len(targets), unanswerable)
-            datasets_[split] = VQADataset(split_rows, transform, targets)
+        is_train = split == "train"
+        unusable = find_unusable_rows(split_rows, decode=not is_train, skip_log=skip_log, split_name=split)
+        check_bad_fraction(len(unusable), len(split_rows.questions), max_bad_fraction, split_rows.split.origin, skip_log.path)
+        usable = [i for i in range(len(split_rows.questions)) if i not in unusable]
+        targets = None
+        if split_rows.answers is not None:
+            targets = [soft_score_targets(answers, label2id) for answers in split_rows.answers]
+            answerable = [i for i in usable if targets[i][0]]
+            if is_train:
+                logger.info("train: dropped %d of %d questions with no answer in the answer set", len(usable) - len(answerable), len(usable))
+                if not answerable:
+                    raise ValueError("No training question has an answer in the answer set: check --answers_column and the model's answers.")
+                usable = answerable
+            else:
+                logger.info("%s: %d questions, %d with no answer in the answer set (they score 0)", split, len(usable), len(usable) - len(answerable))
+        datasets_[split] = VQADataset(
+            split_rows, transform, targets, keep=usable, skip_log=skip_log if is_train else None, split_name=split, seed=seed
+        )
     return datasets_
 
 
@@ -354,25 +416,55 @@ class VQATrainer(Trainer):
             ids, _ = output.predictions
             metrics = compute_vqa_metrics(ids[:, 0], output.label_ids, dataset, self.model.config.id2label)
             output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in metrics.items()})
+        self.last_prediction = output  # for predictions.jsonl and the gallery
         return output
 
 
-def write_predictions(path: str, prediction, dataset: VQADataset, id2label: dict) -> None:
-    """predictions.jsonl, one line per question in data order: question_id, image, question, prediction, the
-    top-k answers with their scores (sigmoid of the logits), and the annotators' answers when known."""
+def prediction_records(prediction, dataset: VQADataset, id2label: dict) -> list[dict]:
+    """One record per question, in data order: question_id, image (its path, when it has one), question,
+    prediction, the top-k answers with their scores (sigmoid of the logits), and the annotators' answers (None
+    when the split has none). `prediction` is the evaluation loop's output: top-k (ids, scores) and indices."""
     ids, scores = prediction.predictions
     rows = dataset.rows
-    order = np.argsort(prediction.label_ids, kind="stable")
+    records = []
+    for position in np.argsort(prediction.label_ids, kind="stable"):
+        row = dataset.row(int(prediction.label_ids[position]))
+        image = dataset.images[row][rows.image_column]
+        image = image if isinstance(image, str) else (image.get("path") if isinstance(image, dict) else None)
+        top = [{"answer": id2label[int(i)], "score": round(float(s), 5)} for i, s in zip(ids[position], scores[position])]
+        records.append({
+            "question_id": rows.question_ids[row],
+            "image": image,
+            "question": rows.questions[row],
+            "prediction": top[0]["answer"],
+            "top_k": top,
+            "answers": rows.answers[row] if rows.answers is not None else None,
+        })
+    return records
+
+
+def write_predictions(path: str, records: list[dict]) -> None:
     with open(path, "w") as f:
-        for position in order:
-            row = dataset.row(int(prediction.label_ids[position]))
-            image = dataset.images[row][rows.image_column]
-            image = image if isinstance(image, str) else (image.get("path") if isinstance(image, dict) else None)
-            top = [{"answer": id2label[int(i)], "score": round(float(s), 5)} for i, s in zip(ids[position], scores[position])]
-            line = {"question_id": rows.question_ids[row], "image": image, "question": rows.questions[row], "prediction": top[0]["answer"]}
-            line["top_k"] = top
-            line["answers"] = rows.answers[row] if rows.answers is not None else None
-            f.write(json.dumps(line) + "\n")
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def write_gallery(path: str, records: list[dict], dataset: VQADataset, metrics: dict, size: int) -> None:
+    """The first `size` questions with their image, top answers and the annotators' answers, grouped by answer
+    type, worst first."""
+    rows, items = dataset.rows, []
+    for index, record in enumerate(records[:size]):
+        row = dataset.row(index)
+        items.append({
+            **record,
+            "image": dataset.image_value(index),
+            "image_name": record["image"],
+            "accuracy": vqa_accuracy(record["prediction"], record["answers"]) if record["answers"] else None,
+            "answer_type": rows.answer_types[row] if rows.answer_types is not None else None,
+        })
+    summary = {k: v for k, v in metrics.items() if "vqa_accuracy" in k or k.endswith("_loss")}
+    write_vqa_gallery(path, items, max_items=size, summary=summary, image_base_dir=rows.split.base_dir)
+    logger.info("Wrote %s", path)
 
 
 # --- Model, processor and answer set -----------------------------------------------------------------------------
@@ -438,12 +530,18 @@ def load_model_and_processor(model_args: ModelArguments, train_answers: list[lis
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. Arguments and logging.
-    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, TrainingArguments), argv)
+    model_args, data_args, run_args, training_args = parse_args((ModelArguments, DataArguments, RunArguments, TrainingArguments), argv)
     training_args.remove_unused_columns = False  # the collator needs the questions and answers
+    training_args.logging_nan_inf_filter = False  # a non-finite loss must stop the run, not vanish in an average
+    if training_args.use_cpu:
+        # Tiny gradients leave denormal floats in AdamW's state, and CPU arithmetic on them is slow: flushing them
+        # to zero makes the optimizer step of the demo model 7x faster, with no effect on what is learnt.
+        torch.set_flush_denormal(True)
     setup_logging(training_args)
-    log_arguments(model_args, data_args)
+    log_arguments(model_args, data_args, run_args)
     logger.info("Training arguments %s", training_args)
     resume_from = find_checkpoint_to_resume(training_args)
+    check_output_dir(training_args, run_args, resuming=resume_from is not None)
 
     # 2. Data: every requested split, columns and values checked before anything heavy happens.
     wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
@@ -477,6 +575,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = load_model_and_processor(model_args, rows["train"].answers if "train" in rows else None, data_args)
     trainable, total = count_parameters(model)
     logger.info("%s: %.1fM parameters, %.1fM trainable, %d answers", type(model).__name__, total / 1e6, trainable / 1e6, model.config.num_labels)
+    check_disk_space(training_args.output_dir, model, training=training_args.do_train)
 
     # 4. Preprocessing: images resized as the model's image processor does, padded per batch; questions cut at
     # the model's 40 text positions; targets are soft scores over the answer set.
@@ -484,7 +583,9 @@ def main(argv: list[str] | None = None) -> dict:
     image_spec = ImageTransformSpec.from_image_processor(image_processor)
     transform = ViltImageTransform(image_spec, getattr(image_processor, "size_divisor", None))
     max_length = resolve_max_length(data_args.max_seq_length, processor.tokenizer, model.config)
-    datasets_ = build_vqa_datasets(rows, transform, model.config.label2id)
+    # Unusable images are left out and listed in skipped_samples.jsonl, within --max_bad_samples_fraction.
+    skip_log = SkippedSamples(os.path.join(training_args.output_dir, "skipped_samples.jsonl"), write=training_args.process_index == 0)
+    datasets_ = build_vqa_datasets(rows, transform, model.config.label2id, skip_log, run_args.max_bad_samples_fraction, training_args.seed)
 
     # 5. Trainer.
     trainer = VQATrainer(
@@ -494,10 +595,12 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=datasets_.get("validation"),
         data_collator=VQACollator(processor.tokenizer, max_length, image_spec, model.config.num_labels),
         processing_class=processor,
+        callbacks=[NonFiniteGuard()],
         top_k=data_args.top_k_predictions,
     )
 
-    # 6. Train, evaluate, predict; every split's metrics land in <split>_results.json and all_results.json.
+    # 6. Train, evaluate, predict; every split's metrics land in <split>_results.json and all_results.json, the
+    # test split's answers in predictions.jsonl, and each evaluated split's first questions in a gallery.
     metrics = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -506,29 +609,39 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
         metrics.update(result.metrics)
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        metrics.update(eval_metrics)
-    if training_args.do_predict:
-        prediction = trainer.predict(datasets_["test"], metric_key_prefix="predict")
-        trainer.log_metrics("predict", prediction.metrics)
-        trainer.save_metrics("predict", prediction.metrics)
-        metrics.update(prediction.metrics)
+        if skip_log.count():
+            logger.warning("%d samples were skipped; reasons in %s", skip_log.count(), skip_log.path)
+    for split, prefix, run in (("validation", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict)):
+        if not run:
+            continue
+        if split == "validation":
+            split_metrics = trainer.evaluate()
+        else:
+            split_metrics = trainer.predict(datasets_[split], metric_key_prefix=prefix).metrics
+        trainer.log_metrics(prefix, split_metrics)
+        trainer.save_metrics(prefix, split_metrics)
+        metrics.update(split_metrics)
         if trainer.is_world_process_zero():
-            path = os.path.join(training_args.output_dir, "predictions.jsonl")
-            write_predictions(path, prediction, datasets_["test"], model.config.id2label)
-            logger.info("Wrote %s", path)
+            records = prediction_records(trainer.last_prediction, datasets_[split], model.config.id2label)
+            if split == "test":
+                write_predictions(os.path.join(training_args.output_dir, "predictions.jsonl"), records)
+            if data_args.gallery_size:
+                path = os.path.join(training_args.output_dir, f"gallery_{split}.html")
+                write_gallery(path, records, datasets_[split], split_metrics, data_args.gallery_size)
 
-    # 7. Model card.
-    if training_args.do_train and trainer.is_world_process_zero():
-        trainer.create_model_card(
-            model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-            tasks="visual-question-answering",
-            dataset=data_args.dataset_name or data_args.train_file,
-            tags=["vilt", "vqa"],
-        )
+    # 7. What the run leaves to look at: the curves, and a model card with the command and the metrics.
+    if trainer.is_world_process_zero():
+        curves = plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"))
+        if training_args.do_train:
+            data = data_args.dataset_name or data_args.train_file
+            trainer.create_model_card(
+                model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
+                tasks="visual-question-answering",
+                dataset=data,
+                tags=["vilt", "vqa"],
+            )
+            command = ["python", "run_vilt_vqa.py", *(sys.argv[1:] if argv is None else argv)]
+            append_to_model_card(training_args.output_dir, build_model_card_section(command, data, metrics, curves))
     return metrics
 
 

@@ -31,7 +31,7 @@ from run_vilt_vqa import (
     vilt_resize_size,
 )
 from tests.helpers import assert_finite_metrics, read_json, write_jsonl
-from utils.data import load_splits
+from utils.data import SkippedSamples, load_splits
 from utils.demo import write_demo_dataset
 from utils.demo_vqa import build_demo_vilt, human_answers, write_vqa_rows
 from utils.images import ImageTransformSpec
@@ -147,6 +147,8 @@ def test_collator_matches_vilt_processor_on_images_of_different_sizes(assets):
 
 
 def small_split(tmp_path, name, rows):
+    """A jsonl of `rows`; rows without an image get a.png, a small real image next to the file."""
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "a.png")
     path = tmp_path / f"{name}.jsonl"
     for row in rows:
         row.setdefault("image", "a.png")
@@ -186,7 +188,7 @@ def test_answer_set_targets_and_drop_keep_rules(assets, tmp_path, caplog):
 
     caplog.set_level("INFO", logger="run_vilt_vqa")
     transform = ViltImageTransform(ImageTransformSpec(resize_shortest_edge=32), 16)
-    datasets_ = build_vqa_datasets(rows, transform, model.config.label2id)
+    datasets_ = build_vqa_datasets(rows, transform, model.config.label2id, SkippedSamples(str(tmp_path / "skipped.jsonl")), 0.0)
     assert datasets_["train"].keep == [0, 1, 2, 3, 5, 6]  # q4 dropped: neither "red" nor "blue" is an answer
     assert "dropped 1 of 7 questions" in caplog.text
     train_targets = [datasets_["train"].targets[r] for r in datasets_["train"].keep]
@@ -254,6 +256,35 @@ def test_bad_rows_fail_early_with_file_and_row(tmp_path):
         resolve_columns(split, DataArguments(train_file=train, answer_type_column="kind"))
 
 
+def test_unusable_images_are_skipped_and_listed(assets, tmp_path):
+    """A missing training image and a corrupt validation image: both questions are left out, listed in
+    skipped_samples.jsonl, and the accuracy covers the rest; past --max_bad_samples_fraction the run stops."""
+    image_dir = os.path.join(os.path.dirname(assets["data"]["train"]), "images")
+    os.symlink(image_dir, tmp_path / "images")
+    (tmp_path / "images_bad").mkdir()
+    (tmp_path / "images_bad" / "broken.png").write_bytes(open(os.path.join(image_dir, "train_00000.png"), "rb").read()[:60])
+    train, validation = read_rows(assets["data"]["train"]), read_rows(assets["data"]["validation"])[:24]
+    train[3]["image"] = "images/missing.png"
+    validation[2]["image"] = "images_bad/broken.png"
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "validation.jsonl", validation)
+    args = [
+        "--model_name_or_path", assets["model"], "--train_file", str(tmp_path / "train.jsonl"),
+        "--validation_file", str(tmp_path / "validation.jsonl"), "--do_train", "--do_eval", "--max_steps", "2",
+        "--min_answer_count", "1", "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0", "--save_strategy", "no",
+    ]
+    out = tmp_path / "out"
+    metrics = run_vilt_vqa.main(args + ["--output_dir", str(out)])
+    skipped = read_rows(out / "skipped_samples.jsonl")
+    assert [(s["split"], s["row"], s["image"]) for s in skipped] == [
+        ("train", 3, "images/missing.png"), ("validation", 2, "images_bad/broken.png")
+    ]
+    assert "does not exist" in skipped[0]["reason"]
+    assert metrics["eval_samples_per_second"] > 0 and 0 <= metrics["eval_vqa_accuracy"] <= 1
+    with pytest.raises(ValueError, match="max_bad_samples_fraction"):
+        run_vilt_vqa.main(args + ["--output_dir", str(tmp_path / "strict"), "--max_bad_samples_fraction", "0.01"])
+
+
 # --- The Trainer ----------------------------------------------------------------------------------------------------
 
 
@@ -276,6 +307,13 @@ def test_end_to_end_train_eval_predict_reload_answer(assets, tmp_path):
     assert_finite_metrics(metrics, keys + ["eval_loss", "predict_loss", "train_loss"])
     assert all(0.0 <= metrics[k] <= 1.0 for k in keys)
     assert read_json(out / "all_results.json")["eval_vqa_accuracy"] == metrics["eval_vqa_accuracy"]
+    for split in ("validation", "test"):
+        page = (out / f"gallery_{split}.html").read_text()
+        assert read_rows(assets["data"][split])[0]["question"] in page and "data:image/jpeg;base64" in page
+    assert (out / "training_curves.png").stat().st_size > 0
+    card = (out / "README.md").read_text()
+    assert "## Training run" in card and "eval_vqa_accuracy" in card
+    assert not (out / "skipped_samples.jsonl").exists()
 
     test_rows = read_rows(assets["data"]["test"])
     predictions = read_rows(out / "predictions.jsonl")
@@ -330,12 +368,14 @@ def test_overfit_reaches_the_best_possible_accuracy(tmp_path):
     build_demo_vilt(model_dir, image_size=32, patch_size=16, hidden_size=128, num_layers=4)  # wider than `assets`: faster to fit
     args = [
         "--model_name_or_path", model_dir, "--train_file", data["train"], "--validation_file", data["train"],
-        "--output_dir", str(tmp_path / "out"), "--min_answer_count", "1", "--do_train", "--do_eval",
+        "--min_answer_count", "1", "--do_train", "--do_eval",
         "--per_device_train_batch_size", "12", "--per_device_eval_batch_size", "12",
         "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0", "--save_strategy", "no",
     ]
-    before = run_vilt_vqa.main(args + ["--max_steps", "1", "--learning_rate", "0"])
-    after = run_vilt_vqa.main(args + ["--max_steps", "130", "--learning_rate", "2e-3", "--warmup_steps", "5", "--logging_steps", "10"])
+    before = run_vilt_vqa.main(args + ["--output_dir", str(tmp_path / "before"), "--max_steps", "1", "--learning_rate", "0"])
+    after = run_vilt_vqa.main(args + [
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "130", "--learning_rate", "2e-3", "--warmup_steps", "5", "--logging_steps", "10",
+    ])
     labels = set(read_json(tmp_path / "out" / "config.json")["label2id"])
     best = np.mean([max(vqa_accuracy(label, row["answers"]) for label in labels) for row in rows])
     assert before["eval_vqa_accuracy"] < 0.5
