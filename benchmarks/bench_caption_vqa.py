@@ -5,7 +5,7 @@ the default configs, on the photo-like JPEGs bench_clip.py writes.
 
 Not a test: it writes figures to benchmarks/results.json and a table of BENCHMARKS.md.
 
-    python benchmarks/bench_caption_vqa.py --quick                 # caption batch 2, VQA batch 4: ~5 minutes on 2 cores
+    python benchmarks/bench_caption_vqa.py --quick                 # caption batch 2, VQA batch 4: ~4 minutes on 2 cores
     python benchmarks/bench_caption_vqa.py --tasks caption         # caption batch 4 (full mode: one task per command,
     python benchmarks/bench_caption_vqa.py --tasks vqa             # VQA 2 batches of 8    each under 10 minutes here)
 

@@ -64,7 +64,7 @@ from utils.retrieval import retrieval_metrics  # noqa: E402
 
 logger = logging.getLogger("bench_clip")
 
-SECTIONS = ("matmul", "pipeline", "optimizer", "train", "retrieval")
+SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval")
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-5, 0.1, 1.0  # run_clip's README recipe; the Trainer clips at 1.0
 
 
@@ -72,9 +72,11 @@ def settings_for(args) -> dict:
     """What quick mode changes, in one place (and in results.json, so every figure says how it was made)."""
     if args.quick:
         return {"layers": args.quick_layers, "batch_size": 8, "warmup_steps": 1, "measured_steps": 3, "rounds": 2,
-                "pipeline_images": 64, "pipeline_rounds": 3, "retrieval_images": 2000, "retrieval_rounds": 3}
+                "pipeline_images": 64, "pipeline_rounds": 3, "retrieval_images": 2000, "retrieval_rounds": 3,
+                "model_rounds": 3}
     return {"layers": 12, "batch_size": 32, "warmup_steps": 1, "measured_steps": 2, "rounds": 1,
-            "pipeline_images": 200, "pipeline_rounds": 5, "retrieval_images": 10000, "retrieval_rounds": 2}
+            "pipeline_images": 200, "pipeline_rounds": 5, "retrieval_images": 10000, "retrieval_rounds": 2,
+            "model_rounds": 3}
 
 
 # --- The model: CLIP ViT-B/32 from CLIPConfig() defaults, random weights -------------------------------------
@@ -470,6 +472,85 @@ def summarize_training(runs: list[dict]) -> dict:
     return {"results": summary, "ours_over_baseline": ratios, "side_by_side": side_by_side}
 
 
+# --- The model step alone: precision and caption padding, alternating in one process -----------------------
+
+
+def measure_model_step(layers: int, batch_size: int, rounds: int, text_length: int) -> dict:
+    """Forward + backward of the CLIP loss (no data, no optimizer: the parts the load on a shared machine
+    disturbs most) for fp32 and bf16 x captions padded to `text_length` (ours: the longest caption) or to 77
+    (the baseline), the four alternating round by round in one process, with the matmul rate measured between
+    them: precision's and padding's effect on the model itself, and the step as a fraction of the matmul rate."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    tokenizer = build_caption_tokenizer()
+    model = build_model(layers, tokenizer)
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(batch_size, 3, 224, 224, generator=generator)
+    batches = {}
+    for name, length in (("longest", text_length), ("max_length", 77)):
+        input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)
+        attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
+        words = text_length - 2  # bos, words, eos: a caption as long as ours's longest, padded in the baseline
+        input_ids[:, 0] = tokenizer.bos_token_id
+        input_ids[:, 1 : 1 + words] = torch.randint(2, len(tokenizer), (batch_size, words), generator=generator)
+        input_ids[:, 1 + words] = tokenizer.eos_token_id
+        attention_mask[:, : 2 + words] = 1
+        batches[name] = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+    def loss_of(batch):
+        outputs = model(**batch)
+        return clip_loss(outputs.image_embeds, outputs.text_embeds, model.logit_scale.exp())
+
+    def autocast_for(precision):
+        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+    variants = [(precision, padding) for precision in ("fp32", "bf16") for padding in ("longest", "max_length")]
+    seconds = {v: [] for v in variants}
+    matmul = {"fp32": [], "bf16": []}
+    load_start = load_average()
+    for round_index in range(rounds + 1):  # round 0 warms every variant up
+        for precision, padding in (variants if round_index % 2 == 0 else variants[::-1]):
+            start = time.perf_counter()
+            with autocast_for(precision)():
+                loss = loss_of(batches[padding])
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if round_index:
+                seconds[(precision, padding)].append(time.perf_counter() - start)
+        if round_index:
+            matmul["fp32"].append(matmul_gflops(torch.float32))
+            matmul["bf16"].append(matmul_gflops(torch.bfloat16))
+    results = {}
+    for (precision, padding), values in seconds.items():
+        flops = count_step_flops(model, batches[padding], loss_of, autocast_for(precision))["forward_backward"]
+        step = median(values)
+        results[f"{precision}/{padding}"] = {
+            "forward_backward_s": step,
+            "all_s": [round(v, 2) for v in values],
+            "gflop": flops / 1e9,
+            "gflops_achieved": flops / step / 1e9,
+            "matmul_fraction": flops / step / 1e9 / median(matmul[precision]),
+        }
+    return {
+        "batch_size": batch_size,
+        "text_length": {"longest": text_length, "max_length": 77},
+        "rounds": rounds,
+        "results": results,
+        "matmul_gflops": {k: median(v) for k, v in matmul.items()},
+        "bf16_speedup": {padding: seconds_ratio(seconds[("fp32", padding)], seconds[("bf16", padding)]) for padding in ("longest", "max_length")},
+        "longest_speedup": {precision: seconds_ratio(seconds[(precision, "max_length")], seconds[(precision, "longest")]) for precision in ("fp32", "bf16")},
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+def seconds_ratio(slow: list[float], fast: list[float]) -> dict:
+    """slow / fast per round (same round, so the same load), and their median."""
+    per_round = [a / b for a, b in zip(slow, fast)]
+    return {"median": median(per_round), "per_round": [round(r, 3) for r in per_round]}
+
+
 # --- Input pipeline ----------------------------------------------------------------------------------------
 
 
@@ -734,6 +815,21 @@ def render_markdown(results: dict) -> str:
                        f"load {matmul['load_avg_start']}; {matmul['when']}; `{matmul['command']}`)\n")
             out.append(markdown_table(["dtype", "GFLOP/s (median)", "GFLOP/s (best)"],
                                       [[d, matmul["gflops"][d], matmul["gflops_best"][d]] for d in ("fp32", "bf16")]) + "\n")
+        model = sections.get("model")
+        if model:
+            rows = [[key.split("/")[0], f"{key.split('/')[1]} ({model['text_length'][key.split('/')[1]]} tokens)", r["forward_backward_s"],
+                     " ".join(str(x) for x in r["all_s"]), r["gflop"], r["gflops_achieved"], r["matmul_fraction"]]
+                    for key, r in model["results"].items()]
+            out.append(f"**Model step alone** (forward + backward of the CLIP loss, batch {model['batch_size']}, no data or optimizer; "
+                       f"the four alternating in one process, median of {model['rounds']} rounds; matmul rate measured between rounds: "
+                       f"fp32 {model['matmul_gflops']['fp32']:.0f}, bf16 {model['matmul_gflops']['bf16']:.0f} GFLOP/s; "
+                       f"load {model['load_avg_start']}; {model['when']}; `{model['command']}`)\n")
+            out.append(markdown_table(["precision", "captions padded to", "s (median)", "per round", "GFLOP", "GFLOP/s",
+                                       "fraction of the matmul rate"], rows) + "\n")
+            out.append("bf16 over fp32 (same round): " + ", ".join(
+                f"{k} {v['median']:.2f}x ({' '.join(str(x) for x in v['per_round'])})" for k, v in model["bf16_speedup"].items())
+                + "; padding to the longest over padding to 77: " + ", ".join(
+                f"{k} {v['median']:.2f}x ({' '.join(str(x) for x in v['per_round'])})" for k, v in model["longest_speedup"].items()) + "\n")
         train = sections.get("train")
         if train:
             for precision_block in _train_tables(train, matmul):
@@ -780,11 +876,12 @@ def _train_tables(train: dict, matmul: dict | None) -> list[str]:
     rounds = max((len(r["samples_per_s_all"]) for k, r in train["results"].items() if not k.startswith("ours_trainer")), default=0)
     commands = "; ".join(f"`{c}`" for c in train["commands"])
     blocks.append(f"**Training throughput**: CLIP ViT-B/32, {layers}, random weights, batch {s['batch_size']}, "
-                  f"{s['warmup_steps']} warm-up + {s['measured_steps']} measured steps per run, median of up to {rounds} runs "
-                  f"(ours_trainer: ClipTrainer itself, one run; last run {train['when']}; {commands})\n")
+                  f"{s['warmup_steps']} warm-up + {s['measured_steps']} measured steps per run, each pipeline alone in its process, "
+                  f"median of up to {rounds} runs (ours_trainer: ClipTrainer itself; share of matmul rate: FLOPs over the "
+                  f"forward, backward and optimizer time, against the matmul section's rate; last run {train['when']}; {commands})\n")
     blocks.append(markdown_table(
         ["pipeline", "precision", "samples/s (median)", "per run", "samples per CPU-second", "s/step", "peak RSS MiB", "text tokens", "GFLOP fwd+bwd",
-         "share of matmul rate (model time)", "load avg (1 min) per round"], rows) + "\n")
+         "share of matmul rate (model time)", "load avg (1 min) per run"], rows) + "\n")
     sbs = train.get("side_by_side", {})
     ratio_rows = []
     for precision in ("fp32", "bf16"):
@@ -852,6 +949,11 @@ def main(argv: list[str] | None = None) -> dict:
     precisions = [p for p in args.precisions.split(",") if p]
     if set(precisions) - {"fp32", "bf16"}:
         raise ValueError(f"--precisions {args.precisions!r}: expected fp32 and/or bf16")
+    pipelines = [p for p in args.pipelines.split(",") if p]
+    if set(pipelines) - {"ours", "baseline", "trainer", "side_by_side"}:
+        raise ValueError(f"--pipelines {args.pipelines!r}: expected a subset of ours,baseline,trainer,side_by_side")
+    if args.quick_layers < 1 or (args.rounds is not None and args.rounds < 1):
+        raise ValueError(f"--quick_layers ({args.quick_layers}) and --rounds ({args.rounds}) must be >= 1")
     mode = "quick" if args.quick else "full"
     settings = settings_for(args)
     machine = describe_machine()
@@ -877,6 +979,12 @@ def main(argv: list[str] | None = None) -> dict:
     if "optimizer" in sections:
         out["optimizer"] = {**run_forked(measure_optimizer, layers=settings["layers"], rounds=10), **stamp}
         logger.info("AdamW step s: %s", out["optimizer"]["step_s"])
+    if "model" in sections:
+        out["model"] = {**run_forked(measure_model_step, layers=settings["layers"], batch_size=settings["batch_size"],
+                                     rounds=settings["model_rounds"], text_length=23), **stamp}
+        logger.info("model step: bf16 speedup %s, longest-padding speedup %s",
+                    {k: round(v["median"], 2) for k, v in out["model"]["bf16_speedup"].items()},
+                    {k: round(v["median"], 2) for k, v in out["model"]["longest_speedup"].items()})
     if "train" in sections:
         common = {key: settings[key] for key in ("layers", "batch_size", "warmup_steps", "measured_steps")}
         previous = _stored_section(mode, "train") if args.append_rounds else {}
@@ -884,7 +992,6 @@ def main(argv: list[str] | None = None) -> dict:
             logger.warning("stored %s train figures were made with %s, not %s: starting afresh", mode, previous.get("settings"), common)
             previous = {}
         stored_runs = previous.get("runs", [])
-        pipelines = [p for p in args.pipelines.split(",") if p]
         with_trainer = {p for p in precisions if "trainer" in pipelines and not any(
             r["pipeline"] == "ours_trainer" and r["precision"] == p for r in stored_runs)}
         paired = [p for p in pipelines if p in ("ours", "baseline")]

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Full-size figures, in commands bounded at 10 minutes each (about an hour on a loaded 2-core CPU machine).
 # Training runs accumulate in results.json (--append_rounds): per precision, two side-by-side runs (ours and the
-# baseline alternating steps in one process: the ratio to quote) and two runs of each pipeline alone (peak RSS,
-# the split of a step), then ClipTrainer itself once per precision.
+# baseline alternating steps in one process: the ratio to quote on a shared machine) and two runs of each pipeline
+# alone (peak RSS, the split of a step), then ClipTrainer itself once per precision. The model section compares
+# fp32/bf16 and the caption padding on the model step alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 clip="timeout 600 python benchmarks/bench_clip.py"
 $clip --sections matmul,pipeline,optimizer
 $clip --sections retrieval
+$clip --sections model                                                   # about 9 minutes here
 $clip --sections train --precisions fp32 --pipelines ours,baseline            # replaces earlier training figures
 $clip --sections train --precisions bf16 --pipelines ours,baseline --append_rounds
 for _ in 1 2; do
