@@ -201,3 +201,21 @@ def test_killed_run_resumes_to_the_same_weights(clip_dir, tmp_path):
     assert "Ignoring" in resumed.stdout + resumed.stderr and "checkpoint-1000" in resumed.stdout + resumed.stderr
     straight, again = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
     assert max((straight[k] - again[k]).abs().max().item() for k in straight) < 1e-6
+
+
+@pytest.mark.parametrize("ci", ["", "1"])
+def test_each_log_line_prints_once(ci):
+    """transformers sends its records on to the root logger when CI=1; the scripts' root handler must then not
+    print every line a second time (CI logs would hold each one twice)."""
+    code = (
+        "import logging, sys\n"
+        "from transformers import TrainingArguments, logging as hf_logging\n"
+        "from utils.training import setup_logging\n"
+        "setup_logging(TrainingArguments(output_dir='unused', use_cpu=True, report_to='none'))\n"
+        "hf_logging.get_logger('transformers.trainer').info('marker-line')\n"
+        "logging.getLogger('run_clip').info('marker-line')\n"
+    )
+    env = {**os.environ, "CI": ci, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout + result.stderr).count("marker-line") == 2

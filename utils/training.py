@@ -73,6 +73,9 @@ def setup_logging(training_args) -> None:
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+    # transformers lets its records also reach the root logger when CI=1 is set; with our root handler above,
+    # every line would then print twice.
+    transformers.utils.logging.disable_propagation()
 
 
 def log_arguments(*dataclasses) -> None:
