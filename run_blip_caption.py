@@ -60,6 +60,7 @@ from utils.training import (
     log_arguments,
     parse_args,
     setup_logging,
+    train_evaluate_predict,
     write_run_report,
 )
 
@@ -570,28 +571,12 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=[NonFiniteGuard()],
     )
 
-    # 6. Train, evaluate, predict; every split's metrics land in <split>_results.json and all_results.json.
-    metrics = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-        trainer.save_model()  # the model and the processor, reloadable by AutoModelForImageTextToText/AutoProcessor/pipeline
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-        metrics.update(result.metrics)
-    for split, prefix, run in (("validation", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict)):
-        if not run:
-            continue
-        if split == "validation":
-            split_metrics = trainer.evaluate()
-        else:
-            split_metrics = trainer.predict(datasets_[split], metric_key_prefix=prefix).metrics
-        predictions = trainer.last_predictions  # one caption per image, in the split's order
-        trainer.log_metrics(prefix, split_metrics)
-        trainer.save_metrics(prefix, split_metrics)
-        metrics.update(split_metrics)
+    # 6. Train, evaluate, predict; every split's metrics land in <split>_results.json and all_results.json, the
+    # test split's captions in predictions.jsonl, and each scored split's first images in a gallery.
+    def after_split(split, split_metrics):
         if not trainer.is_world_process_zero():
-            continue
+            return
+        predictions = trainer.last_predictions  # one caption per image, in the split's order
         images = datasets_[split].images
         if split == "test":
             path = os.path.join(training_args.output_dir, "predictions.jsonl")
@@ -601,15 +586,16 @@ def main(argv: list[str] | None = None) -> dict:
                     f.write(json.dumps({"image": image, "prediction": prediction, "references": images.captions[row]}) + "\n")
             logger.info("Wrote %d captions to %s", len(predictions), path)
         if caption_args.gallery_size:
-            per_image = trainer.last_per_image_cider
             path = write_caption_gallery(
                 os.path.join(training_args.output_dir, f"gallery_{split}.html"),
                 LazyImages(images.images.select(images.rows), image_column, images.base_dir),
                 [image_reference(images.image_value(row), row) for row in range(len(images))],
-                predictions, images.captions, per_image, max_items=caption_args.gallery_size,
+                predictions, images.captions, trainer.last_per_image_cider, max_items=caption_args.gallery_size,
                 summary={k: v for k, v in split_metrics.items() if not k.endswith(("runtime", "per_second"))},
             )
             logger.info("Wrote %s", path)
+
+    metrics = train_evaluate_predict(trainer, datasets_, resume_from, skip_log, after_split)
 
     # 7. What the run leaves to look at: the curves, and a model card with the command and the metrics.
     write_run_report(trainer, "run_blip_caption.py", argv, data_args.dataset_name or data_args.train_file, metrics,

@@ -56,6 +56,7 @@ from utils.training import (
     log_arguments,
     parse_args,
     setup_logging,
+    train_evaluate_predict,
     write_run_report,
 )
 
@@ -491,29 +492,14 @@ def main(argv: list[str] | None = None) -> dict:
         retrieval_chunk_size=data_args.retrieval_chunk_size,
     )
 
-    # 6. Train, evaluate, predict; every split's metrics land in <split>_results.json and all_results.json.
-    metrics = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-        trainer.save_model()  # the model and the processor, reloadable by AutoModel/AutoProcessor/pipeline
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-        metrics.update(result.metrics)
-        if skip_log.count():
-            logger.warning("%d samples were skipped; reasons in %s", skip_log.count(), skip_log.path)
-    for split, prefix, run in (("validation", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict)):
-        if not run:
-            continue
-        if split == "validation":
-            split_metrics = trainer.evaluate()
-        else:
-            split_metrics = trainer.predict(datasets_[split], metric_key_prefix=prefix).metrics
-        trainer.log_metrics(prefix, split_metrics)
-        trainer.save_metrics(prefix, split_metrics)
-        metrics.update(split_metrics)
+    # 6. Train, evaluate, predict; every split's metrics land in <split>_results.json and all_results.json, and
+    # each scored split's first images with what they retrieve in a gallery.
+    def after_split(split, split_metrics):
         if data_args.gallery_size and trainer.is_world_process_zero():
-            write_gallery(trainer, datasets_[split], split_metrics, os.path.join(training_args.output_dir, f"gallery_{split}.html"), data_args.gallery_size)
+            path = os.path.join(training_args.output_dir, f"gallery_{split}.html")
+            write_gallery(trainer, datasets_[split], split_metrics, path, data_args.gallery_size)
+
+    metrics = train_evaluate_predict(trainer, datasets_, resume_from, skip_log, after_split)
 
     # 7. What the run leaves to look at: the curves, and a model card with the command and the metrics.
     write_run_report(trainer, "run_clip.py", argv, data_args.dataset_name or data_args.train_file, metrics,

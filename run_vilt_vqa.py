@@ -54,6 +54,7 @@ from utils.training import (
     log_arguments,
     parse_args,
     setup_logging,
+    train_evaluate_predict,
 )
 from utils.vqa import build_answer_vocab, build_soft_targets, parse_answers, soft_score_targets, vqa_accuracy, vqa_score_summary
 
@@ -601,33 +602,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. Train, evaluate, predict; every split's metrics land in <split>_results.json and all_results.json, the
     # test split's answers in predictions.jsonl, and each evaluated split's first questions in a gallery.
-    metrics = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-        trainer.save_model()  # the model with its answers in id2label, and the processor
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-        metrics.update(result.metrics)
-        if skip_log.count():
-            logger.warning("%d samples were skipped; reasons in %s", skip_log.count(), skip_log.path)
-    for split, prefix, run in (("validation", "eval", training_args.do_eval), ("test", "predict", training_args.do_predict)):
-        if not run:
-            continue
-        if split == "validation":
-            split_metrics = trainer.evaluate()
-        else:
-            split_metrics = trainer.predict(datasets_[split], metric_key_prefix=prefix).metrics
-        trainer.log_metrics(prefix, split_metrics)
-        trainer.save_metrics(prefix, split_metrics)
-        metrics.update(split_metrics)
-        if trainer.is_world_process_zero():
-            records = prediction_records(trainer.last_prediction, datasets_[split], model.config.id2label)
-            if split == "test":
-                write_predictions(os.path.join(training_args.output_dir, "predictions.jsonl"), records)
-            if data_args.gallery_size:
-                path = os.path.join(training_args.output_dir, f"gallery_{split}.html")
-                write_gallery(path, records, datasets_[split], split_metrics, data_args.gallery_size)
+    def after_split(split, split_metrics):
+        if not trainer.is_world_process_zero():
+            return
+        records = prediction_records(trainer.last_prediction, datasets_[split], model.config.id2label)
+        if split == "test":
+            write_predictions(os.path.join(training_args.output_dir, "predictions.jsonl"), records)
+        if data_args.gallery_size:
+            path = os.path.join(training_args.output_dir, f"gallery_{split}.html")
+            write_gallery(path, records, datasets_[split], split_metrics, data_args.gallery_size)
+
+    metrics = train_evaluate_predict(trainer, datasets_, resume_from, skip_log, after_split)
 
     # 7. What the run leaves to look at: the curves, and a model card with the command and the metrics.
     if trainer.is_world_process_zero():

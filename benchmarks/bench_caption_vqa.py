@@ -201,7 +201,7 @@ def render_markdown(results: dict) -> str:
             if "bf16_over_fp32" in entry:
                 rows.append([task, "", "bf16 / fp32", f"{entry['bf16_over_fp32']['median']:.2f}x",
                              " ".join(f"{x:.2f}" for x in entry["bf16_over_fp32"]["per_round"]), "", "", ""])
-        out.append(markdown_table(["task", "batch", "precision", f"images/s (caption), questions/s (vqa), median", "per run",
+        out.append(markdown_table(["task", "batch", "precision", "images/s (caption), questions/s (vqa), median", "per run",
                                    "model only", "data share", "load avg (1 min) per run"], rows) + "\n")
         for task in ("caption", "vqa"):
             entry = section.get(task)

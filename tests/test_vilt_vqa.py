@@ -21,7 +21,6 @@ from run_vilt_vqa import (
     DataArguments,
     ModelArguments,
     VQACollator,
-    VQADataset,
     ViltImageTransform,
     build_vqa_datasets,
     compute_vqa_metrics,

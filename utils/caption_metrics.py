@@ -225,7 +225,6 @@ def _ptb_rules() -> tuple[tuple[re.Pattern, str], ...]:
     L = _bmp_class("A-Za-z", ("L",), _EXTRA_LETTERS)
     D = _bmp_class("0-9", ("Nd",))
     AL = f"(?:{L}|{D})"
-    space = "[ \t\u00a0\u2000-\u200a\u3000]"
     spacenl = "[ \t\u00a0\u2000-\u200a\u3000\n]"
     apos = "(?:['\u0092\u2019]|&apos;)"
     apos_etc = "(?:['`\u0092\u2019\u0091\u2018\u201b]|&apos;)"

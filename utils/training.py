@@ -226,6 +226,39 @@ def build_param_groups(
     ]
 
 
+def train_evaluate_predict(trainer, datasets_: dict, resume_from: str | None, skip_log=None, after_split=None) -> dict:
+    """The end of every script: train when --do_train (resuming from `resume_from`), save the model, the processor
+    and the state; then score the validation split when --do_eval and the test split when --do_predict. Each
+    stage's metrics land in <stage>_results.json and all_results.json; all of them are returned.
+
+    `after_split(split, metrics)` runs after each scored split, on every process (the trainer's gathered
+    predictions are still at hand), for what a script writes of it: predictions, a gallery."""
+    args = trainer.args
+    metrics = {}
+    if args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.save_model()  # the model and its processor, reloadable by the Auto classes
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        metrics.update(result.metrics)
+        if skip_log is not None and skip_log.count():
+            logger.warning("%d samples were skipped; reasons in %s", skip_log.count(), skip_log.path)
+    for split, prefix, run in (("validation", "eval", args.do_eval), ("test", "predict", args.do_predict)):
+        if not run:
+            continue
+        if split == "validation":
+            split_metrics = trainer.evaluate()
+        else:
+            split_metrics = trainer.predict(datasets_[split], metric_key_prefix=prefix).metrics
+        trainer.log_metrics(prefix, split_metrics)
+        trainer.save_metrics(prefix, split_metrics)
+        metrics.update(split_metrics)
+        if after_split is not None:
+            after_split(split, split_metrics)
+    return metrics
+
+
 def write_run_report(trainer, script: str, argv: list[str] | None, data: str | None, metrics: dict, tasks: str, tags: list[str]) -> None:
     """What a finished run leaves to look at, from the main process: training_curves.png from the log history
     and, after training, the model card with the command, the data, the metrics table and the curves."""
