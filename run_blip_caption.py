@@ -46,20 +46,18 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from utils.caption_metrics import describe_skipped_metrics, score_captions
 from utils.report import LazyImages, write_caption_gallery
-from utils.data import ImageTextDataset, SkippedSamples, check_columns, guess_column, load_splits
+from utils.arguments import DataSourceArguments, ModelSourceArguments
+from utils.data import ImageTextDataset, SkippedSamples, check_columns, guess_column, load_requested_splits
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
 from utils.text import resolve_max_length
 from utils.training import (
     NonFiniteGuard,
     RunArguments,
     check_disk_space,
-    check_output_dir,
     count_parameters,
-    find_checkpoint_to_resume,
     freeze,
-    log_arguments,
     parse_args,
-    setup_logging,
+    start_run,
     train_evaluate_predict,
     write_run_report,
 )
@@ -70,7 +68,7 @@ SUPPORTED_MODELS = ("blip", "blip-2")
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(ModelSourceArguments):
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A captioning checkpoint (Hub id or folder): BlipForConditionalGeneration or Blip2ForConditionalGeneration."}
     )
@@ -78,9 +76,6 @@ class ModelArguments:
     config_overrides: str | None = field(default=None, metadata={"help": "With --config_name: top-level overrides such as 'num_query_tokens=16'."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "With --config_name: the tokenizer (its special tokens set the model's)."})
     image_processor_name: str | None = field(default=None, metadata={"help": "With --config_name: the image processor."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
-    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model's repository to run."})
     freeze_vision_model: bool | None = field(default=None, metadata={"help": "true/false: keep the vision tower frozen (default: BLIP false, BLIP-2 true)."})
     freeze_language_model: bool | None = field(
         default=None, metadata={"help": "true/false: keep the text decoder / language model frozen (default: BLIP false, BLIP-2 true)."}
@@ -100,30 +95,20 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "csv/json/jsonl file, or an image folder with metadata.jsonl."})
-    validation_file: str | None = field(default=None, metadata={"help": "Validation data, same formats."})
-    test_file: str | None = field(default=None, metadata={"help": "Test data for --do_predict, same formats."})
-    image_column: str | None = field(default=None, metadata={"help": "Column of image paths or images (default: image, image_path, file_name)."})
+class DataArguments(DataSourceArguments):
     caption_column: str | None = field(
         default=None, metadata={"help": "Column of reference captions: a string or a list (default: captions, caption, text)."}
     )
     max_seq_length: int | None = field(
         default=None, metadata={"help": "Tokens per training sequence, prompt and BLIP-2's image tokens included (default and cap: the model's limit)."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
-    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test images."})
     clean_captions: bool = field(
         default=False, metadata={"help": "Clean training targets as BLIP does: lowercase, strip punctuation, cap at --max_caption_words."}
     )
     max_caption_words: int = field(default=30, metadata={"help": "With --clean_captions: keep the first N words (BLIP: 30 on COCO)."})
 
     def __post_init__(self):
-        if not (self.dataset_name or self.train_file or self.validation_file or self.test_file):
-            raise ValueError("No data: pass --dataset_name or --train_file/--validation_file/--test_file.")
+        super().__post_init__()
         if self.max_caption_words < 1:
             raise ValueError(f"--max_caption_words must be >= 1, got {self.max_caption_words}.")
 
@@ -131,7 +116,6 @@ class DataArguments:
 @dataclass
 class CaptionArguments:
     prompt: str = field(default="", metadata={"help": "Text every caption starts from, in training and generation; stripped from reported captions."})
-    gallery_size: int = field(default=50, metadata={"help": "Images shown in output_dir/gallery_<split>.html, worst CIDEr first (0: none)."})
     num_beams: int = field(default=3, metadata={"help": "Beam search width in evaluation and prediction (BLIP on COCO: 3)."})
     max_new_tokens: int = field(default=20, metadata={"help": "Most tokens generated per caption, after the prompt."})
     min_new_tokens: int = field(default=0, metadata={"help": "Fewest tokens generated per caption before it may end (BLIP on COCO: 5)."})
@@ -377,7 +361,7 @@ class CaptionTrainer(Trainer):
 
 def load_model_and_processor(model_args: ModelArguments):
     """From a checkpoint, or from a config with the tokenizer's special tokens; returns (model, processor)."""
-    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "trust_remote_code": model_args.trust_remote_code}
+    hub = model_args.hub_kwargs()
     if model_args.model_name_or_path:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub)
         check_model_type(config, model_args.model_name_or_path)
@@ -482,39 +466,19 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, caption_args, run_args, training_args = parse_args(
         (ModelArguments, DataArguments, CaptionArguments, RunArguments, TrainingArguments), argv
     )
-    training_args.remove_unused_columns = False  # the collator needs the caption fields
-    training_args.logging_nan_inf_filter = False  # a non-finite loss must stop the run, not vanish in an average
     if training_args.label_smoothing_factor:
         raise ValueError("--label_smoothing_factor is not read by this script's loss: pass --label_smoothing instead.")
-    setup_logging(training_args)
-    log_arguments(model_args, data_args, caption_args, run_args)
-    logger.info("Training arguments %s", training_args)
-    resume_from = find_checkpoint_to_resume(training_args)
-    check_output_dir(training_args, run_args, resuming=resume_from is not None)
+    resume_from = start_run(training_args, run_args, model_args, data_args, caption_args)
     if caption_args.use_java and describe_skipped_metrics(use_java=True):
         raise ValueError(f"--use_java true, but {describe_skipped_metrics(use_java=True)['meteor']}: install Java, or pass --use_java false.")
 
     # 2. Data: every requested split, columns and captions checked before anything heavy happens.
-    wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
-    if not any(wanted.values()):
-        raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
-    splits = load_splits(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file},
-        cache_dir=model_args.cache_dir,
-        image_column=data_args.image_column,
-    )
-    for split, needed in wanted.items():
-        if needed and split not in splits:
-            flag = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}[split]
-            raise ValueError(f"--{flag} needs a {split} split: pass --{split}_file or a --dataset_name that has one.")
-    first = splits[next(s for s, needed in wanted.items() if needed)]
+    splits = load_requested_splits(data_args, training_args, model_args.cache_dir, data_args.image_column)
+    first = next(iter(splits.values()))
     image_column = data_args.image_column or guess_column(first, ("image", "image_path", "file_name", "filepath"), "image_column")
     caption_column = data_args.caption_column or guess_column(first, ("captions", "caption", "text"), "caption_column")
-    for split, rows in splits.items():
-        if wanted[split]:
-            check_columns(rows, image_column=image_column, caption_column=caption_column)
+    for rows in splits.values():
+        check_columns(rows, image_column=image_column, caption_column=caption_column)
 
     # 3. Model and processor; what trains.
     model, processor = load_model_and_processor(model_args)
@@ -533,16 +497,10 @@ def main(argv: list[str] | None = None) -> dict:
         "Images: %s; sequences: %d start tokens, %d prompt tokens, caption, end token %d; at most %d tokens",
         image_spec, len(caption_format.start_ids), len(caption_format.prompt_ids), caption_format.end_id, max_length,
     )
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
     # Unusable rows are left out and listed; evaluation images are decoded in full up front.
     skip_log = SkippedSamples(os.path.join(training_args.output_dir, "skipped_samples.jsonl"), write=training_args.process_index == 0)
     datasets_ = {}
-    for split, needed in wanted.items():
-        if not needed:
-            continue
-        rows = splits[split]
-        if limits[split] is not None:
-            rows.rows = rows.rows.select(range(min(limits[split], len(rows.rows))))
+    for split, rows in splits.items():
         images = ImageTextDataset(
             rows, image_column, caption_column, build_image_transform(image_spec), sample_caption=False, seed=training_args.seed,
             skip_log=skip_log, split_name=split, decode_check=split != "train", max_bad_fraction=run_args.max_bad_samples_fraction,
@@ -585,12 +543,12 @@ def main(argv: list[str] | None = None) -> dict:
                     image = image_reference(images.image_value(row), row)
                     f.write(json.dumps({"image": image, "prediction": prediction, "references": images.captions[row]}) + "\n")
             logger.info("Wrote %d captions to %s", len(predictions), path)
-        if caption_args.gallery_size:
+        if data_args.gallery_size:
             path = write_caption_gallery(
                 os.path.join(training_args.output_dir, f"gallery_{split}.html"),
                 LazyImages(images.images.select(images.rows), image_column, images.base_dir),
                 [image_reference(images.image_value(row), row) for row in range(len(images))],
-                predictions, images.captions, trainer.last_per_image_cider, max_items=caption_args.gallery_size,
+                predictions, images.captions, trainer.last_per_image_cider, max_items=data_args.gallery_size,
                 summary={k: v for k, v in split_metrics.items() if not k.endswith(("runtime", "per_second"))},
             )
             logger.info("Wrote %s", path)

@@ -38,7 +38,15 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalLoopOutput
 
-from utils.data import ImageTextDataset, SetEpochCallback, SkippedSamples, check_columns, guess_column, load_splits
+from utils.arguments import DataSourceArguments, ModelSourceArguments
+from utils.data import (
+    ImageTextDataset,
+    SetEpochCallback,
+    SkippedSamples,
+    check_columns,
+    guess_column,
+    load_requested_splits,
+)
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
 from utils.losses import clip_loss
 from utils.report import LazyImages, write_retrieval_gallery
@@ -49,13 +57,10 @@ from utils.training import (
     RunArguments,
     build_param_groups,
     check_disk_space,
-    check_output_dir,
     count_parameters,
-    find_checkpoint_to_resume,
     freeze,
-    log_arguments,
     parse_args,
-    setup_logging,
+    start_run,
     train_evaluate_predict,
     write_run_report,
 )
@@ -68,7 +73,7 @@ VISION_PREFIX, TEXT_PREFIX = "vision_model.", "text_model."
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(ModelSourceArguments):
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A CLIP-family checkpoint (Hub id or folder): CLIPModel, VisionTextDualEncoderModel."}
     )
@@ -78,15 +83,9 @@ class ModelArguments:
     text_model_name_or_path: str | None = field(
         default=None, metadata={"help": "With --vision_model_name_or_path: the text encoder (BERT/RoBERTa family)."}
     )
-    config_name: str | None = field(default=None, metadata={"help": "Train from scratch from this config (name or path)."})
     config_overrides: str | None = field(
         default=None, metadata={"help": "With --config_name: overrides such as 'projection_dim=256,logit_scale_init_value=2.0'."}
     )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor, if not the model's."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
-    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model's repository to run."})
     freeze_vision_model: bool = field(default=False, metadata={"help": "Keep the vision encoder frozen throughout."})
     freeze_text_model: bool = field(default=False, metadata={"help": "Keep the text encoder frozen throughout."})
     freeze_vision_steps: int = field(default=0, metadata={"help": "Freeze the vision encoder for the first N optimizer steps."})
@@ -124,25 +123,14 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "csv/json/jsonl file, or an image folder with metadata.jsonl."})
-    validation_file: str | None = field(default=None, metadata={"help": "Validation data, same formats."})
-    test_file: str | None = field(default=None, metadata={"help": "Test data for --do_predict, same formats."})
-    image_column: str | None = field(default=None, metadata={"help": "Column of image paths or images (default: image, image_path, file_name)."})
+class DataArguments(DataSourceArguments):
     caption_column: str | None = field(default=None, metadata={"help": "Column of captions: a string or a list (default: captions, caption, text)."})
     max_seq_length: int | None = field(default=None, metadata={"help": "Truncate captions to this many tokens (default and cap: the text model's limit)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
-    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
     augment: bool = field(default=False, metadata={"help": "Random resized crop and horizontal flip in training."})
     retrieval_chunk_size: int = field(default=1024, metadata={"help": "Queries scored at once in retrieval (memory: chunk x N)."})
-    gallery_size: int = field(default=50, metadata={"help": "Images shown in output_dir/gallery_<split>.html after evaluation (0: none)."})
 
     def __post_init__(self):
-        if not (self.dataset_name or self.train_file or self.validation_file or self.test_file):
-            raise ValueError("No data: pass --dataset_name or --train_file/--validation_file/--test_file.")
+        super().__post_init__()
         if self.retrieval_chunk_size < 1:
             raise ValueError(f"--retrieval_chunk_size must be >= 1, got {self.retrieval_chunk_size}.")
 
@@ -375,7 +363,7 @@ def write_gallery(trainer: ClipTrainer, dataset: ImageTextDataset, metrics: dict
 
 def load_model_and_processor(model_args: ModelArguments):
     """One of the three ways in; returns (model, processor holding an image processor and a tokenizer)."""
-    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "trust_remote_code": model_args.trust_remote_code}
+    hub = model_args.hub_kwargs()
     if model_args.model_name_or_path:
         model = AutoModel.from_pretrained(model_args.model_name_or_path, **hub)
         processor = AutoProcessor.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
@@ -410,37 +398,17 @@ def load_model_and_processor(model_args: ModelArguments):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # 1. Arguments and logging.
+    # 1. Arguments, logging, and the checkpoint to resume from.
     model_args, data_args, run_args, training_args = parse_args((ModelArguments, DataArguments, RunArguments, TrainingArguments), argv)
-    training_args.remove_unused_columns = False  # the collator needs the caption fields
-    training_args.logging_nan_inf_filter = False  # a non-finite loss must stop the run, not vanish in an average
-    setup_logging(training_args)
-    log_arguments(model_args, data_args, run_args)
-    logger.info("Training arguments %s", training_args)
-    resume_from = find_checkpoint_to_resume(training_args)
-    check_output_dir(training_args, run_args, resuming=resume_from is not None)
+    resume_from = start_run(training_args, run_args, model_args, data_args)
 
     # 2. Data: every requested split, columns checked before anything heavy happens.
-    wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
-    splits = load_splits(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file},
-        cache_dir=model_args.cache_dir,
-        image_column=data_args.image_column,
-    )
-    for split, needed in wanted.items():
-        if needed and split not in splits:
-            flag = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}[split]
-            raise ValueError(f"--{flag} needs a {split} split: pass --{split}_file or a --dataset_name that has one.")
-    first = splits[next(s for s, needed in wanted.items() if needed)] if any(wanted.values()) else None
-    if first is None:
-        raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
+    splits = load_requested_splits(data_args, training_args, model_args.cache_dir, data_args.image_column)
+    first = next(iter(splits.values()))
     image_column = data_args.image_column or guess_column(first, ("image", "image_path", "file_name", "filepath"), "image_column")
     caption_column = data_args.caption_column or guess_column(first, ("captions", "caption", "text"), "caption_column")
-    for split, rows in splits.items():
-        if wanted[split]:
-            check_columns(rows, image_column=image_column, caption_column=caption_column)
+    for rows in splits.values():
+        check_columns(rows, image_column=image_column, caption_column=caption_column)
 
     # 3. Model and processor.
     model, processor = load_model_and_processor(model_args)
@@ -457,17 +425,11 @@ def main(argv: list[str] | None = None) -> dict:
     text_config = getattr(model.config, "text_config", model.config)
     max_length = resolve_max_length(data_args.max_seq_length, processor.tokenizer, text_config)
     logger.info("Images: %s; captions truncated at %d tokens, padded to the longest in each batch", image_spec, max_length)
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
     # Unusable rows are left out and listed; evaluation images are decoded in full up front, so every metric
     # is computed on a known set of samples.
     skip_log = SkippedSamples(os.path.join(training_args.output_dir, "skipped_samples.jsonl"), write=training_args.process_index == 0)
     datasets_ = {}
-    for split, needed in wanted.items():
-        if not needed:
-            continue
-        rows = splits[split]
-        if limits[split] is not None:
-            rows.rows = rows.rows.select(range(min(limits[split], len(rows.rows))))
+    for split, rows in splits.items():
         is_train = split == "train"
         transform = build_image_transform(image_spec, augment=is_train and data_args.augment)
         datasets_[split] = ImageTextDataset(

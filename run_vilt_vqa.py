@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import random
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,20 +39,28 @@ from transformers import (
     set_seed,
 )
 
-from utils.data import SkippedSamples, Split, check_bad_fraction, check_columns, check_image, guess_column, load_splits, sample_seed
+from utils.arguments import DataSourceArguments, ModelSourceArguments
+from utils.data import (
+    SkippedSamples,
+    Split,
+    check_bad_fraction,
+    check_columns,
+    check_image,
+    guess_column,
+    load_requested_splits,
+    sample_seed,
+)
 from utils.images import ImageLoadError, ImageTransformSpec, load_image, normalize_pixels
-from utils.report import append_to_model_card, build_model_card_section, plot_training_curves, write_vqa_gallery
+from utils.report import write_vqa_gallery
 from utils.text import resolve_max_length
 from utils.training import (
     NonFiniteGuard,
     RunArguments,
     check_disk_space,
-    check_output_dir,
     count_parameters,
-    find_checkpoint_to_resume,
-    log_arguments,
     parse_args,
-    setup_logging,
+    start_run,
+    write_run_report,
     train_evaluate_predict,
 )
 from utils.vqa import build_answer_vocab, build_soft_targets, parse_answers, soft_score_targets, vqa_accuracy, vqa_score_summary
@@ -65,7 +72,7 @@ MAX_LONGER_EDGE, MAX_SHORTER_EDGE = 1333, 800
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(ModelSourceArguments):
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A ViLT checkpoint (Hub id or folder): the MLM one gets a new answer head, a VQA one keeps its answers."},
@@ -74,10 +81,6 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None, metadata={"help": "With --config_name: overrides such as 'num_hidden_layers=6,max_image_length=200'."}
     )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor, if not the model's."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and data."})
-    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit."})
     rebuild_answer_vocab: bool = field(
         default=False,
         metadata={"help": "With a checkpoint that already has answers (id2label): replace them by the training set's, with a new output layer."},
@@ -93,13 +96,8 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "csv/json/jsonl file, or an image folder with metadata.jsonl."})
-    validation_file: str | None = field(default=None, metadata={"help": "Validation data, same formats."})
+class DataArguments(DataSourceArguments):
     test_file: str | None = field(default=None, metadata={"help": "Data for --do_predict, same formats; answers optional."})
-    image_column: str | None = field(default=None, metadata={"help": "Column of image paths or images (default: image, image_path, file_name)."})
     question_column: str | None = field(default=None, metadata={"help": "Column of questions (default: question)."})
     answers_column: str | None = field(
         default=None,
@@ -114,23 +112,16 @@ class DataArguments:
     )
     max_answers: int | None = field(default=None, metadata={"help": "Answer set: keep at most the N most frequent answers."})
     max_seq_length: int | None = field(default=None, metadata={"help": "Truncate questions to this many tokens (default and cap: the model's 40)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training questions."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation questions."})
-    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test questions."})
     top_k_predictions: int = field(default=5, metadata={"help": "Answers with their scores per question in predictions.jsonl."})
-    gallery_size: int = field(default=50, metadata={"help": "Questions shown in output_dir/gallery_<split>.html after evaluation (0: none)."})
 
     def __post_init__(self):
-        if not (self.dataset_name or self.train_file or self.validation_file or self.test_file):
-            raise ValueError("No data: pass --dataset_name or --train_file/--validation_file/--test_file.")
+        super().__post_init__()
         if self.min_answer_count < 1:
             raise ValueError(f"--min_answer_count must be >= 1, got {self.min_answer_count}.")
         if self.max_answers is not None and self.max_answers < 1:
             raise ValueError(f"--max_answers must be >= 1 (or unset), got {self.max_answers}.")
         if self.top_k_predictions < 1:
             raise ValueError(f"--top_k_predictions must be >= 1, got {self.top_k_predictions}.")
-        if self.gallery_size < 0:
-            raise ValueError(f"--gallery_size must be >= 0, got {self.gallery_size}.")
 
 
 # --- What a user adapts for their task: reading rows, images, batching, the metrics ---------------------------
@@ -480,7 +471,7 @@ def has_answer_set(config) -> bool:
 def load_model_and_processor(model_args: ModelArguments, train_answers: list[list[str]] | None, data_args: DataArguments):
     """The model with its answer set in id2label/label2id, and a ViltProcessor. A checkpoint's own answers are
     kept unless --rebuild_answer_vocab; otherwise the answer set is built from the training answers."""
-    hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision}
+    hub = model_args.hub_kwargs()
     source = model_args.model_name_or_path or model_args.config_name
     config = AutoConfig.from_pretrained(source, **hub)
     if config.model_type != "vilt":
@@ -532,43 +523,18 @@ def load_model_and_processor(model_args: ModelArguments, train_answers: list[lis
 def main(argv: list[str] | None = None) -> dict:
     # 1. Arguments and logging.
     model_args, data_args, run_args, training_args = parse_args((ModelArguments, DataArguments, RunArguments, TrainingArguments), argv)
-    training_args.remove_unused_columns = False  # the collator needs the questions and answers
-    training_args.logging_nan_inf_filter = False  # a non-finite loss must stop the run, not vanish in an average
     if training_args.use_cpu:
         # Tiny gradients leave denormal floats in AdamW's state, and CPU arithmetic on them is slow: flushing them
         # to zero makes the optimizer step of the demo model 7x faster, with no effect on what is learnt.
         torch.set_flush_denormal(True)
-    setup_logging(training_args)
-    log_arguments(model_args, data_args, run_args)
-    logger.info("Training arguments %s", training_args)
-    resume_from = find_checkpoint_to_resume(training_args)
-    check_output_dir(training_args, run_args, resuming=resume_from is not None)
+    resume_from = start_run(training_args, run_args, model_args, data_args)
 
     # 2. Data: every requested split, columns and values checked before anything heavy happens.
-    wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
-    if not any(wanted.values()):
-        raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
-    splits = load_splits(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        {"train": data_args.train_file, "validation": data_args.validation_file, "test": data_args.test_file},
-        cache_dir=model_args.cache_dir,
-        image_column=data_args.image_column or "image",
-    )
-    for split, needed in wanted.items():
-        if needed and split not in splits:
-            flag = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}[split]
-            raise ValueError(f"--{flag} needs a {split} split: pass --{split}_file or a --dataset_name that has one.")
-    columns = resolve_columns(splits[next(s for s, needed in wanted.items() if needed)], data_args)
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples, "test": data_args.max_predict_samples}
+    splits = load_requested_splits(data_args, training_args, model_args.cache_dir, data_args.image_column or "image")
+    columns = resolve_columns(next(iter(splits.values())), data_args)
     rows = {}
-    for split, needed in wanted.items():
-        if not needed:
-            continue
-        data = splits[split]
+    for split, data in splits.items():
         check_columns(data, image_column=columns["image"], question_column=columns["question"])
-        if limits[split] is not None:
-            data.rows = data.rows.select(range(min(limits[split], len(data.rows))))
         rows[split] = read_vqa_rows(data, columns, answers_required=split != "test")
 
     # 3. Model, processor and answer set; seeded first, as a new answer head is initialized at random.
@@ -615,18 +581,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = train_evaluate_predict(trainer, datasets_, resume_from, skip_log, after_split)
 
     # 7. What the run leaves to look at: the curves, and a model card with the command and the metrics.
-    if trainer.is_world_process_zero():
-        curves = plot_training_curves(trainer.state.log_history, os.path.join(training_args.output_dir, "training_curves.png"))
-        if training_args.do_train:
-            data = data_args.dataset_name or data_args.train_file
-            trainer.create_model_card(
-                model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-                tasks="visual-question-answering",
-                dataset=data,
-                tags=["vilt", "vqa"],
-            )
-            command = ["python", "run_vilt_vqa.py", *(sys.argv[1:] if argv is None else argv)]
-            append_to_model_card(training_args.output_dir, build_model_card_section(command, data, metrics, curves))
+    write_run_report(trainer, "run_vilt_vqa.py", argv, data_args.dataset_name or data_args.train_file, metrics,
+                     tasks="visual-question-answering", tags=["vilt", "vqa"])
     return metrics
 
 

@@ -127,3 +127,27 @@ def test_caption_draw_depends_on_seed_epoch_and_index_only(folder):
     assert [dataset[i]["caption"] for i in range(3)] == draws[2]  # replays after a "resume"
     assert len({tuple(d) for d in draws.values()}) > 1  # and changes across epochs
     assert sample_seed(7, 2, 1) != sample_seed(7, 1, 2)
+
+
+def test_requested_splits_are_loaded_limited_and_checked(folder):
+    """Only the splits the run asks for are read, each cut to its --max_*_samples; a split asked for but not
+    given stops the run naming the flag and the fix."""
+    from transformers import TrainingArguments
+
+    from utils.arguments import DataSourceArguments
+    from utils.data import load_requested_splits
+
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    data_args = DataSourceArguments(train_file=str(path), validation_file=str(folder / "absent.jsonl"), max_train_samples=2)
+    train_only = TrainingArguments(output_dir=str(folder / "out"), do_train=True, use_cpu=True, report_to="none")
+    splits = load_requested_splits(data_args, train_only)
+    assert list(splits) == ["train"] and len(splits["train"].rows) == 2  # the absent validation file is not read
+    predict = TrainingArguments(output_dir=str(folder / "out"), do_predict=True, use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="--do_predict needs a test split: pass --test_file"):
+        load_requested_splits(data_args, predict)
+    nothing = TrainingArguments(output_dir=str(folder / "out"), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="Nothing to do"):
+        load_requested_splits(data_args, nothing)
+    with pytest.raises(ValueError, match="--max_eval_samples must be >= 1"):
+        DataSourceArguments(train_file=str(path), max_eval_samples=0)

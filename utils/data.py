@@ -68,6 +68,30 @@ def load_splits(
     return splits
 
 
+def load_requested_splits(data_args, training_args, cache_dir: str | None = None, image_column: str | None = None) -> dict[str, Split]:
+    """The splits the run asks for (train with --do_train, validation with --do_eval, test with --do_predict),
+    each cut to its --max_*_samples; a requested split that the data lacks stops the run here, naming the flag.
+    `data_args` is a utils.arguments.DataSourceArguments."""
+    wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
+    if not any(wanted.values()):
+        raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
+    requested_files = {split: path for split, path in data_args.data_files().items() if wanted[split]}
+    splits = load_splits(data_args.dataset_name, data_args.dataset_config_name, requested_files, cache_dir, image_column)
+    limits = data_args.sample_limits()
+    requested = {}
+    for split, needed in wanted.items():
+        if not needed:
+            continue
+        if split not in splits:
+            flag = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}[split]
+            raise ValueError(f"--{flag} needs a {split} split: pass --{split}_file or a --dataset_name that has one.")
+        data = splits[split]
+        if limits[split] is not None and limits[split] < len(data.rows):
+            data.rows = data.rows.select(range(limits[split]))
+        requested[split] = data
+    return requested
+
+
 def _load_local(path: str, cache_dir: str | None) -> Split:
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")

@@ -153,6 +153,19 @@ def check_output_dir(training_args, run_args: RunArguments, resuming: bool) -> N
         raise ValueError(f"output_dir {output_dir!r} is not writable: {err}. Choose another --output_dir.") from None
 
 
+def start_run(training_args, run_args: RunArguments, *arg_groups) -> str | None:
+    """What every script does first: logging, the arguments in the log, the checkpoint to resume from (None for
+    a fresh run) and the output folder's checks. Also the two TrainingArguments every script needs set its way."""
+    training_args.remove_unused_columns = False  # the collators read fields the models' forward does not take
+    training_args.logging_nan_inf_filter = False  # a non-finite loss must stop the run, not vanish in an average
+    setup_logging(training_args)
+    log_arguments(*arg_groups, run_args)
+    logger.info("Training arguments %s", training_args)
+    resume_from = find_checkpoint_to_resume(training_args)
+    check_output_dir(training_args, run_args, resuming=resume_from is not None)
+    return resume_from
+
+
 def check_disk_space(output_dir: str, model: torch.nn.Module, training: bool) -> None:
     """Fail before training when output_dir's disk cannot hold one checkpoint (weights, and for training the
     optimizer's two moments), rather than at hour six."""
