@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections import Counter
 
 from .demo import COLORS, NUMBER_WORDS, POSITIONS, SHAPES, build_demo_bert_tokenizer, write_demo_dataset
@@ -158,24 +157,22 @@ def majority_baselines(train_file: str, eval_file: str) -> dict[str, float]:
 
 
 def build_demo_vilt(
-    directory: str, image_size: int = 64, patch_size: int = 32, hidden_size: int = 128, num_layers: int = 4, seed: int = 0
+    directory: str, image_size: int = 32, patch_size: int = 16, hidden_size: int = 128, num_layers: int = 4, seed: int = 0
 ):
     """A tiny `ViltForQuestionAnswering` with a `ViltProcessor` (resizing the shorter side to `image_size`), saved in
     `directory`. Its head has the config's default two labels, like the MLM checkpoint: fine-tuning builds the
     answer set and a new head.
 
-    The defaults (4 layers, width 128, 32x32 patches on 64x64 images, as ViLT-B/32's patches) cut the scenes into
-    a 2x2 grid whose cells each hold one corner's object whole: 4 image tokens instead of 16 with 16x16 patches,
-    so a CPU epoch is several times faster, and each object is seen by one patch embedding."""
+    The defaults (4 layers, width 128, the 64x64 scenes resized to 32x32 and cut into 16x16 patches) make a 2x2
+    grid whose cells each hold one corner's object whole: 4 image tokens, so a CPU epoch takes minutes, and each
+    object is seen by one patch embedding. (Tried on the demo, 4 epochs each: 32x32 patches on 64x64 images
+    learnt a little less; 16x16 patches on 64x64, and 8x8 on 32x32 at width 64, learnt no faster per epoch and
+    cost more per step.)"""
     import torch
-    from transformers import BertTokenizer, ViltConfig, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
+    from transformers import ViltConfig, ViltForQuestionAnswering, ViltImageProcessor, ViltProcessor
 
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        build_demo_bert_tokenizer(scratch)  # writes the demo's WordPiece vocab.txt there
-        # Read the vocabulary back through `vocab=`: in transformers 5 BertTokenizer ignores `vocab_file=`, so the
-        # tokenizer build_demo_bert_tokenizer returns knows only its five special tokens.
-        tokenizer = BertTokenizer(vocab=os.path.join(scratch, "vocab.txt"), do_lower_case=True)
+    tokenizer = build_demo_bert_tokenizer(directory)
     tokenizer.model_max_length = 40  # ViLT's text positions
     config = ViltConfig(
         vocab_size=len(tokenizer),
