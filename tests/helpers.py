@@ -5,6 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
 
 
 def read_json(path):
@@ -43,3 +49,33 @@ def build_tiny_vit(directory: str, image_size: int = 32) -> str:
     ViTModel(config).save_pretrained(directory)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(directory)
     return directory
+
+
+# --- Gallery pages -------------------------------------------------------------------------------------------
+
+
+def item_rows(page: str, section_id: str | None = None) -> list[str]:
+    """The gallery rows (<tr class="item ...">) of a page or of one of its sections."""
+    if section_id is not None:
+        page = page.split(f'id="{section_id}"', 1)[1].split("</section>", 1)[0]
+    return re.findall(r'<tr class="item[^"]*">(.*?)</tr>', page, flags=re.S)
+
+
+def sort_values(rows: list[str]) -> list[float]:
+    """The data-value of the last number cell of each row (the score the gallery sorts by)."""
+    return [float(re.findall(r'data-value="([^"]+)"', row)[-1]) for row in rows]
+
+
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")
+
+
+def run_chromium(page: str, *flags: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on a local page, offline and with a throwaway profile; `flags` such as
+    `--screenshot=x.png` or `--dump-dom` (the DOM after the page's scripts ran, on stdout)."""
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+             *flags, "file://" + os.path.abspath(page)],
+            check=True, capture_output=True, text=True, timeout=180,
+        )

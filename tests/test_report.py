@@ -5,17 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
 import re
-import shutil
-import subprocess
-import tempfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import item_rows, needs_chromium, run_chromium, sort_values
 from utils.report import (
     LazyImages,
     append_to_model_card,
@@ -64,18 +61,6 @@ def fake_history(steps: int = 1000, eval_every: int = 100) -> list[dict]:
     history.append({"train_runtime": 100.0, "train_samples_per_second": 50.0, "train_loss": 0.5, "total_flos": 1e12,
                     "epoch": 20.0, "step": steps})
     return history
-
-
-def item_rows(page: str, section_id: str | None = None) -> list[str]:
-    """The gallery rows (<tr class="item ...">) of a page or of one of its sections."""
-    if section_id is not None:
-        page = page.split(f'id="{section_id}"', 1)[1].split("</section>", 1)[0]
-    return re.findall(r'<tr class="item[^"]*">(.*?)</tr>', page, flags=re.S)
-
-
-def sort_values(rows: list[str]) -> list[float]:
-    """The data-value of the last number cell of each row (the score the gallery sorts by)."""
-    return [float(re.findall(r'data-value="([^"]+)"', row)[-1]) for row in rows]
 
 
 def read(path: str) -> str:
@@ -360,19 +345,6 @@ def test_model_card_section(tmp_path):
 
 
 # --- How a gallery looks ---------------------------------------------------------------------------------------
-
-
-def run_chromium(page: str, *flags: str) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-             *flags, "file://" + os.path.abspath(page)],
-            check=True, capture_output=True, text=True, timeout=180,
-        )
-
-
-needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")
 
 
 @needs_chromium
