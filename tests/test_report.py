@@ -305,6 +305,22 @@ def test_vqa_gallery_caps_items_and_names_missing_keys(tmp_path):
         write_vqa_gallery(str(tmp_path / "v.html"), [{"question": "why?"}])
 
 
+def test_thumbnails_are_shown_at_the_gallery_size_small_images_enlarged(tmp_path):
+    """A 400x300 image is embedded shrunk to 160x120; a 40x30 one is embedded as it is and shown at 160x120 with
+    crisp pixels; both take the same room on the page."""
+    small, large = Image.new("RGB", (40, 30), (200, 30, 30)), make_images(1)[0]
+    page = read(write_caption_gallery(str(tmp_path / "c.html"), [small, large], ["small", "large"], ["a", "b"], [["a"], ["b"]], [0.1, 0.2]))
+    shown = re.findall(r'<img class="([^"]+)" src="data:image/jpeg;base64,([^"]+)" alt="(\w+)" width="(\d+)" height="(\d+)">', page)
+    assert [(css, name, width, height) for css, _, name, width, height in shown] == [
+        ("thumb enlarged", "small", "160", "120"), ("thumb", "large", "160", "120")]
+    embedded = []
+    for _, data, *_ in shown:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as thumbnail:
+            embedded.append(thumbnail.size)
+    assert embedded == [(40, 30), (160, 120)]
+    assert "img.thumb.enlarged { image-rendering: pixelated; }" in page
+
+
 def test_lazy_images_decode_only_what_is_shown_and_survive_a_bad_file(tmp_path):
     make_images(1)[0].save(tmp_path / "good.png")
     (tmp_path / "bad.jpg").write_bytes(b"not an image")

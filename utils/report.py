@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 THUMBNAIL_SIZE = 160  # longest side, pixels
 SMALL_THUMBNAIL_SIZE = 96  # the retrieved images of a text->image row
 JPEG_QUALITY = 80
+SMALL_IMAGE_JPEG_QUALITY = 95  # an image the browser enlarges: its JPEG blocks would be enlarged too
 
 # --- Training curves -----------------------------------------------------------------------------------------
 
@@ -195,23 +196,39 @@ class LazyImages(Sequence):
         return None if value is None else load_image(value, self.base_dir)
 
 
-def image_to_data_uri(image, size: int = THUMBNAIL_SIZE, quality: int = JPEG_QUALITY) -> str:
-    """A `data:image/jpeg;base64,...` URI of the image shrunk to `size` px on its longest side (never enlarged).
-    `image` is a PIL image or anything `utils.images.load_image` decodes (a path, bytes, a datasets value)."""
+def _encode_thumbnail(image, size: int, quality: int) -> tuple[str, int, int]:
+    """(data URI, width, height) of the image shrunk to `size` px on its longest side (never enlarged)."""
     image = to_rgb(image if isinstance(image, Image.Image) else load_image(image))
     thumbnail = image.copy()
     thumbnail.thumbnail((size, size), Image.Resampling.LANCZOS)
+    if max(thumbnail.size) < size:
+        quality = max(quality, SMALL_IMAGE_JPEG_QUALITY)
     buffer = io.BytesIO()
     thumbnail.save(buffer, format="JPEG", quality=quality, optimize=True)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), *thumbnail.size
+
+
+def image_to_data_uri(image, size: int = THUMBNAIL_SIZE, quality: int = JPEG_QUALITY) -> str:
+    """A `data:image/jpeg;base64,...` URI of the image shrunk to `size` px on its longest side (never enlarged).
+    `image` is a PIL image or anything `utils.images.load_image` decodes (a path, bytes, a datasets value)."""
+    return _encode_thumbnail(image, size, quality)[0]
 
 
 def thumbnail_html(image, size: int = THUMBNAIL_SIZE, alt: str = "") -> str:
-    """An <img> with the image embedded, or a grey placeholder when there is no image or it does not decode."""
+    """An <img> with the image embedded, or a grey placeholder when there is no image or it does not decode.
+
+    Every thumbnail is shown `size` px on its longest side, so a gallery's columns line up and names under
+    the images do not wrap letter by letter. An image smaller than that is embedded at its own size and
+    enlarged by the browser with crisp pixels and saved at a higher JPEG quality (a 32 px training image
+    stays readable, the file stays small).
+    """
     if image is not None:
         try:
-            uri = image_to_data_uri(image, size)
-            return f'<img class="thumb" src="{uri}" alt="{html.escape(alt)}" style="max-width:{size}px;max-height:{size}px">'
+            uri, width, height = _encode_thumbnail(image, size, JPEG_QUALITY)
+            scale = size / max(width, height)
+            css = "thumb" + (" enlarged" if scale > 1 else "")
+            return (f'<img class="{css}" src="{uri}" alt="{html.escape(alt)}" '
+                    f'width="{max(1, round(width * scale))}" height="{max(1, round(height * scale))}">')
         except (ImageLoadError, OSError, ValueError) as err:
             logger.warning("Gallery: no thumbnail for %s: %s", alt or "an image", err)
     return f'<div class="thumb missing" style="width:{size}px;height:{size}px">no image</div>'
@@ -317,9 +334,10 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 td.index { color: var(--muted); font-variant-numeric: tabular-nums; }
 td.image { width: 1%; }
 img.thumb { display: block; border-radius: 4px; }
+img.thumb.enlarged { image-rendering: pixelated; }
 .thumb.missing { display: flex; align-items: center; justify-content: center; background: #eaeef2; color: var(--muted);
                  border-radius: 4px; font-size: 12px; }
-.name { color: var(--muted); font-size: 12px; margin-top: 4px; word-break: break-all; max-width: 160px; }
+.name { color: var(--muted); font-size: 12px; margin-top: 4px; overflow-wrap: anywhere; max-width: 160px; }
 ul, ol { margin: 0; padding-left: 20px; }
 li { margin: 1px 0; }
 .prediction { font-size: 15px; font-weight: 600; }
@@ -333,6 +351,7 @@ figure.tile img.thumb { margin: 0 auto; }
 figure.tile.hit { border-color: var(--good); background: var(--good-bg); }
 figure.tile figcaption { color: var(--muted); overflow-wrap: anywhere; line-height: 1.3; margin-top: 3px; }
 td.query { width: 28%; }
+td.query .name { max-width: none; }
 .tiles { flex-wrap: nowrap; }
 .question { font-size: 14px; }
 .question + .prediction::before { content: "\\2192  "; color: var(--muted); font-weight: 400; }
