@@ -63,7 +63,7 @@ from utils.training import (
     write_run_report,
     train_evaluate_predict,
 )
-from utils.vqa import build_answer_vocab, build_soft_targets, parse_answers, soft_score_targets, vqa_accuracy, vqa_score_summary
+from utils.vqa import build_answer_vocab, build_soft_targets, parse_answers, soft_score_targets, vqa_score_summary
 
 logger = logging.getLogger(__name__)
 
@@ -443,17 +443,15 @@ def write_predictions(path: str, records: list[dict]) -> None:
 
 def write_gallery(path: str, records: list[dict], dataset: VQADataset, metrics: dict, size: int) -> None:
     """The first `size` questions with their image, top answers and the annotators' answers, grouped by answer
-    type, worst first."""
-    rows, items = dataset.rows, []
-    for index, record in enumerate(records[:size]):
-        row = dataset.row(index)
-        items.append({
-            **record,
-            "image": dataset.image_value(index),
-            "image_name": record["image"],
-            "accuracy": vqa_accuracy(record["prediction"], record["answers"]) if record["answers"] else None,
-            "answer_type": rows.answer_types[row] if rows.answer_types is not None else None,
-        })
+    type, worst first. All records go in, so the page says of how many questions it shows `size`; only the
+    shown ones get their image value (a record has just the path, and None for an image held in the data)."""
+    rows = dataset.rows
+    types = rows.answer_types
+    items = [
+        {**record, "image": dataset.image_value(index) if index < size else record["image"], "image_name": record["image"],
+         "answer_type": types[dataset.row(index)] if types is not None else None}
+        for index, record in enumerate(records)
+    ]
     summary = {k: v for k, v in metrics.items() if "vqa_accuracy" in k or k.endswith("_loss")}
     write_vqa_gallery(path, items, max_items=size, summary=summary, image_base_dir=rows.split.base_dir)
     logger.info("Wrote %s", path)

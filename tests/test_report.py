@@ -305,6 +305,17 @@ def test_vqa_gallery_caps_items_and_names_missing_keys(tmp_path):
         write_vqa_gallery(str(tmp_path / "v.html"), [{"question": "why?"}])
 
 
+def test_vqa_gallery_computes_missing_accuracies_from_the_answers(tmp_path):
+    """An item without an `accuracy` key is scored from its `answers` (the official VQA accuracy); without answers
+    its accuracy is unknown and it goes last."""
+    items = [{k: v for k, v in item.items() if k != "accuracy"} for item in vqa_items()]
+    page = read(write_vqa_gallery(str(tmp_path / "v.html"), items))
+    rows = {re.search(r'<div class="question">([^<]+)</div>', row).group(1): sort_values([row])[0] for row in item_rows(page)}
+    for item in vqa_items()[:-1]:
+        assert rows[item["question"]] == pytest.approx(item["accuracy"], abs=1e-12), item["question"]
+    assert math.isnan(rows[ESCAPED_XSS])
+
+
 def test_thumbnails_are_shown_at_the_gallery_size_small_images_enlarged(tmp_path):
     """A 400x300 image is embedded shrunk to 160x120; a 40x30 one is embedded as it is and shown at 160x120 with
     crisp pixels; both take the same room on the page."""

@@ -612,9 +612,10 @@ def write_vqa_gallery(
     Each item: `image` (PIL image, or a path or datasets value, decoded only if shown, relative paths against
     `image_base_dir`; None for none), `question`, `prediction`, `top_k`
     ([(answer, score)] or [{"answer", "score"}], best first, as predictions.jsonl writes them), `answers` (the
-    annotators'; None when unknown), `accuracy` (official VQA accuracy; None when unknown), `answer_type`
-    (None puts it in "all questions"); optional `image_name`, `question_id`. A top-k answer that the
-    annotators' answers give credit to (VQA accuracy > 0) is marked; only the first `max_items` are read.
+    annotators'; None when unknown), optional `accuracy` (official VQA accuracy, computed from `answers` when
+    the item has no such key; None when unknown), `answer_type` (None puts it in "all questions"); optional
+    `image_name`, `question_id`. A top-k answer that the annotators' answers give credit to (VQA accuracy > 0)
+    is marked. Pass the whole split: only the first `max_items` are read, and the header says of how many.
     """
     from .vqa import vqa_accuracy
 
@@ -622,7 +623,10 @@ def write_vqa_gallery(
         missing = [key for key in ("question", "prediction") if key not in item]
         if missing:
             raise ValueError(f"VQA gallery item {i} has no {missing}; its keys are {sorted(item)}")
-    shown = list(items[:max_items])
+    shown = [
+        item if "accuracy" in item else {**item, "accuracy": vqa_accuracy(str(item["prediction"]), item["answers"]) if item.get("answers") else None}
+        for item in items[:max_items]
+    ]
     names = [str(item.get("image_name") or item.get("question_id") or f"#{i}") for i, item in enumerate(shown)]
     thumbnails = _Thumbnails(LazyImages([item.get("image") for item in shown], base_dir=image_base_dir), names)
     groups: dict[str, list[int]] = {}
