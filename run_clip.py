@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = train_evaluate_predict(trainer, datasets_, resume_from, skip_log, after_split)
 
     # 7. What the run leaves to look at: the curves, and a model card with the command and the metrics.
-    write_run_report(trainer, "run_clip.py", argv, data_args.dataset_name or data_args.train_file, metrics,
+    write_run_report(trainer, "run_clip.py", argv, data_args, datasets_, metrics,
                      tasks="zero-shot-image-classification", tags=["contrastive-image-text", "clip"])
     return metrics
 

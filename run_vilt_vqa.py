@@ -60,8 +60,8 @@ from utils.training import (
     count_parameters,
     parse_args,
     start_run,
-    write_run_report,
     train_evaluate_predict,
+    write_run_report,
 )
 from utils.vqa import build_answer_vocab, build_soft_targets, parse_answers, soft_score_targets, vqa_score_summary
 
@@ -579,8 +579,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = train_evaluate_predict(trainer, datasets_, resume_from, skip_log, after_split)
 
     # 7. What the run leaves to look at: the curves, and a model card with the command and the metrics.
-    write_run_report(trainer, "run_vilt_vqa.py", argv, data_args.dataset_name or data_args.train_file, metrics,
-                     tasks="visual-question-answering", tags=["vilt", "vqa"])
+    write_run_report(trainer, "run_vilt_vqa.py", argv, data_args, datasets_, metrics, tasks="visual-question-answering",
+                     tags=["vilt", "vqa"])
     return metrics
 
 

@@ -272,9 +272,27 @@ def train_evaluate_predict(trainer, datasets_: dict, resume_from: str | None, sk
     return metrics
 
 
-def write_run_report(trainer, script: str, argv: list[str] | None, data: str | None, metrics: dict, tasks: str, tags: list[str]) -> None:
+def describe_data(data_args, datasets_: dict) -> str:
+    """The data line of a model card: each split used, where it came from and how many examples of it (after
+    unusable rows were left out and --max_*_samples applied), e.g. "train: data/train.jsonl (5000 examples);
+    validation: data/val.jsonl (1000 examples)". `data_args` has the scripts' common fields (dataset_name,
+    dataset_config_name, train_file, validation_file, test_file)."""
+    parts = []
+    for split, dataset in datasets_.items():
+        if data_args.dataset_name:
+            config = f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else ""
+            origin = f"{data_args.dataset_name}{config}, split {split}"
+        else:
+            origin = getattr(data_args, f"{split}_file")
+        parts.append(f"{split}: {origin} ({len(dataset)} examples)")
+    return "; ".join(parts)
+
+
+def write_run_report(trainer, script: str, argv: list[str] | None, data_args, datasets_: dict, metrics: dict, tasks: str,
+                     tags: list[str]) -> None:
     """What a finished run leaves to look at, from the main process: training_curves.png from the log history
-    and, after training, the model card with the command, the data, the metrics table and the curves."""
+    and, after training, the model card with the command, the data (`describe_data`), the metrics table and
+    the curves."""
     from .report import append_to_model_card, build_model_card_section, plot_training_curves
 
     if not trainer.is_world_process_zero():
@@ -283,7 +301,8 @@ def write_run_report(trainer, script: str, argv: list[str] | None, data: str | N
     curves = plot_training_curves(trainer.state.log_history, os.path.join(output_dir, "training_curves.png"))
     if trainer.args.do_train:
         trainer.create_model_card(
-            model_name=os.path.basename(os.path.normpath(output_dir)), tasks=tasks, dataset=data, tags=tags
+            model_name=os.path.basename(os.path.normpath(output_dir)), tasks=tasks,
+            dataset=data_args.dataset_name or data_args.train_file, tags=tags,
         )
         command = ["python", script, *(sys.argv[1:] if argv is None else argv)]
-        append_to_model_card(output_dir, build_model_card_section(command, data or "", metrics, curves))
+        append_to_model_card(output_dir, build_model_card_section(command, describe_data(data_args, datasets_), metrics, curves))
