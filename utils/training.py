@@ -239,6 +239,19 @@ def build_param_groups(
     ]
 
 
+def keep_tensorboard_logs_in_output_dir(trainer) -> None:
+    """With --report_to tensorboard, have the event files land in output_dir/runs/<date>_<host> whether or not
+    the run trains. transformers 5 has no --logging_dir; its TensorBoardCallback picks that folder when training
+    begins, so an evaluation-only run would write to ./runs of the working directory instead. The
+    TENSORBOARD_LOGGING_DIR environment variable, when set, still wins."""
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = os.path.join(trainer.args.output_dir, default_logdir())
+
+
 def train_evaluate_predict(trainer, datasets_: dict, resume_from: str | None, skip_log=None, after_split=None) -> dict:
     """The end of every script: train when --do_train (resuming from `resume_from`), save the model, the processor
     and the state; then score the validation split when --do_eval and the test split when --do_predict. Each
@@ -247,6 +260,7 @@ def train_evaluate_predict(trainer, datasets_: dict, resume_from: str | None, sk
     `after_split(split, metrics)` runs after each scored split, on every process (the trainer's gathered
     predictions are still at hand), for what a script writes of it: predictions, a gallery."""
     args = trainer.args
+    keep_tensorboard_logs_in_output_dir(trainer)
     metrics = {}
     if args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
