@@ -276,6 +276,9 @@ def test_vqa_gallery_grouped_worst_first(tmp_path):
     assert [name for _, name in sections] == ["number", "other", "yes/no"]
     counts = {name: len(item_rows(page, anchor)) for anchor, name in sections}
     assert counts == {"number": 3, "other": 3, "yes/no": 2}
+    # Mean over the shown questions with a known accuracy: number (0.6 + 1 + 0) / 3, other (0 + 1) / 2.
+    assert "number <span class=\"score\">3 questions shown, their mean accuracy 0.533</span>" in page
+    assert "other <span class=\"score\">3 questions shown, their mean accuracy 0.500</span>" in page
     for anchor, name in sections:
         values = sort_values(item_rows(page, anchor))
         known = [v for v in values if not math.isnan(v)]

@@ -664,14 +664,15 @@ def write_vqa_gallery(
             ])
             row_classes.append("" if accuracy is None else "good" if accuracy >= 1.0 else "bad" if accuracy == 0 else "partial")
         known = [a for a in (_as_number(shown[i].get("accuracy")) for i in members) if a is not None]
-        mean = f", mean accuracy {sum(known) / len(known):.3f}" if known else ""
+        # Of the shown questions only: the header's per-type metric is the split's, and differs when capped.
+        mean = f", their mean accuracy {sum(known) / len(known):.3f}" if known else ""
         anchor = f"group-{group_number}"
         toc.append(f'<a href="#{anchor}">{html.escape(group)} ({len(members)})</a>')
         table = render_table([("image", False), ("question / prediction", False), ("top answers (\u2713 = credited)", False),
                               ("human answers", False), ("accuracy", True)], rows, sorted_by=4, row_classes=row_classes,
                              widths=["1%", "30%", "30%", "27%", "12%"])
         sections.append(f'<section class="answer-type" id="{anchor}"><h2>{html.escape(group)} '
-                        f'<span class="score">{len(members)} questions{mean}</span></h2>{table}</section>')
+                        f'<span class="score">{len(members)} questions shown{mean}</span></h2>{table}</section>')
     body = (f'<nav class="toc">{"".join(toc)}</nav>\n' if len(groups) > 1 else "") + "\n".join(sections)
     note = _showing(len(shown), len(items), "questions") + ", grouped by answer type, worst first."
     return write_html(path, render_page(title, body, summary, note))
