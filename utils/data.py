@@ -105,9 +105,14 @@ def _load_local(path: str, cache_dir: str | None) -> Split:
         raise ValueError(f"data file {path!r}: expected a .csv, .json, .jsonl or .parquet file, or an image folder with metadata.jsonl")
     if builder in ("csv", "json"):
         check_utf8(path)
+        check_has_rows(path, builder)
     # keep_default_na/na_filter: pandas would otherwise read captions such as "NA", "None" or "null" as NaN.
     kwargs = {"keep_default_na": False, "na_filter": False} if builder == "csv" else {}
     rows = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, **kwargs)
+    if len(rows) == 0:
+        raise ValueError(f"data file {path!r} holds no rows. Pass a file with data, or leave the flag out.")
+    if builder == "json":
+        rows = restore_json_columns(rows, path)
     return Split(rows, os.path.dirname(path), path)
 
 
@@ -123,6 +128,48 @@ def check_utf8(path: str) -> None:
                     f"data file {path!r}, line {number}: bytes {line[err.start:err.end]!r} are not UTF-8. "
                     "Re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
                 ) from None
+
+
+def check_has_rows(path: str, builder: str) -> None:
+    """An empty file, a csv with a header only or a .json holding `[]` stops here with its name: `datasets` would
+    fail on it with StopIteration or "corresponds to no data", naming neither the file nor the cause."""
+    needed = 2 if builder == "csv" else 1  # a csv's first line is its header
+    lines = 0
+    with open(path, "rb") as f:
+        for line in f:
+            lines += bool(line.strip())
+            if lines >= needed:
+                break
+        f.seek(0)
+        start = b"".join(f.read(4096).split())
+    if lines >= needed and start not in (b"[]", b"{}"):
+        return
+    what = "a header but no rows" if builder == "csv" and lines else "no rows"
+    raise ValueError(f"data file {path!r} holds {what}. Pass a file with data, or leave the flag out.")
+
+
+def restore_json_columns(rows: datasets.Dataset, path: str) -> datasets.Dataset:
+    """Re-read the columns `datasets` typed as `Json` (values of mixed types: a number among captions, strings among
+    lists of answers) from the file itself. `Json` keeps a string that parses as JSON as that JSON, so the caption
+    "null" came back as None, "42" as 42 and "true" as True: captions are text, whatever they spell."""
+    columns = [name for name, feature in rows.features.items() if isinstance(feature, datasets.Json)]
+    if not columns:
+        return rows
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        records = json.loads(text)
+        records = [records] if isinstance(records, dict) else records  # JSON Lines of one line
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON Lines
+    if len(records) != len(rows) or not all(isinstance(r, dict) for r in records):
+        return rows  # a layout we do not read ourselves: keep what `datasets` read
+    order = rows.column_names
+    for name in columns:
+        # Stored JSON-encoded, so decoding gives back exactly the value in the file.
+        encoded = [json.dumps(record.get(name)) for record in records]
+        rows = rows.remove_columns(name).add_column(name, encoded, feature=datasets.Json())
+    return rows.select_columns(order)
 
 
 def check_columns(split: Split, **flag_to_column: str | None) -> None:
