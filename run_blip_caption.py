@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 from dataclasses import dataclass, field
 
@@ -47,7 +48,17 @@ from transformers.trainer_utils import EvalLoopOutput
 from utils.caption_metrics import describe_skipped_metrics, score_captions
 from utils.report import LazyImages, write_caption_gallery
 from utils.arguments import DataSourceArguments, ModelSourceArguments
-from utils.data import ImageTextDataset, SkippedSamples, check_columns, guess_column, load_requested_splits
+from utils.data import (
+    EpochAware,
+    ImageTextDataset,
+    SetEpochCallback,
+    SkippedSamples,
+    check_columns,
+    guess_column,
+    load_or_replace,
+    load_requested_splits,
+    sample_seed,
+)
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
 from utils.text import resolve_max_length
 from utils.training import (
@@ -138,27 +149,39 @@ class CaptionArguments:
 # --- What a user adapts for their task: the data, the text layout, the loss, the metrics ----------------------
 
 
-class CaptionDataset(torch.utils.data.Dataset):
+class CaptionDataset(EpochAware, torch.utils.data.Dataset):
     """Training (`pairs=True`): one sample per (image, caption) pair, so an image with five references is five
-    samples an epoch. Evaluation: one sample per image with all its references and its row `index`."""
+    samples an epoch, each reference the target once, in the order the Trainer's sampler draws. Evaluation: one
+    sample per image with all its references and its row `index`.
+
+    A training image that fails to decode although its header passed the check before the run (a truncated
+    file) is listed in skipped_samples.jsonl and replaced by another pair drawn from (seed, epoch, index): the
+    same one after a resume."""
 
     def __init__(self, images: ImageTextDataset, pairs: bool):
         self.images = images
         self.samples = [(row, k) for row, captions in enumerate(images.captions) for k in range(len(captions) if pairs else 1)]
         self.pairs = pairs
+        self._init_epoch()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
+        rng = random.Random(sample_seed(self.images.seed, self.epoch, index))
+        on_error = self.record_decode_error if self.pairs and self.images.skip_log is not None else None
+        # {"pixel_values": uint8 (3, H, W), "captions": [...]}
+        index, sample = load_or_replace(lambda i: self.images[self.samples[i][0]], index, len(self), rng, on_error)
         row, k = self.samples[index]
-        sample = self.images[row]  # {"pixel_values": uint8 (3, H, W), "captions": [...]}
         if self.pairs:
             return {"pixel_values": sample["pixel_values"], "caption": sample["captions"][k]}
         return {"pixel_values": sample["pixel_values"], "captions": sample["captions"], "index": row}
 
     def references(self, row: int) -> list[str]:
         return self.images.captions[row]
+
+    def record_decode_error(self, index: int, err: Exception) -> None:
+        self.images.record_decode_error(self.samples[index][0], err)
 
 
 def clean_caption(caption: str, max_words: int = 30) -> str:
@@ -526,7 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         label_smoothing=model_args.label_smoothing,
         use_java=caption_args.use_java,
-        callbacks=[NonFiniteGuard()],
+        callbacks=[NonFiniteGuard()] + ([SetEpochCallback(datasets_["train"])] if "train" in datasets_ else []),
     )
 
     # 6. Train, evaluate, predict; every split's metrics land in <split>_results.json and all_results.json, the

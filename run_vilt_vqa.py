@@ -41,16 +41,19 @@ from transformers import (
 
 from utils.arguments import DataSourceArguments, ModelSourceArguments
 from utils.data import (
+    EpochAware,
+    SetEpochCallback,
     SkippedSamples,
     Split,
     check_bad_fraction,
     check_columns,
     check_image,
     guess_column,
+    load_or_replace,
     load_requested_splits,
     sample_seed,
 )
-from utils.images import ImageLoadError, ImageTransformSpec, load_image, normalize_pixels
+from utils.images import ImageTransformSpec, load_image, normalize_pixels
 from utils.report import write_vqa_gallery
 from utils.text import resolve_max_length
 from utils.training import (
@@ -226,13 +229,14 @@ class ViltImageTransform:
         return F.resize(pixels, list(size), interpolation=self.spec.interpolation, antialias=True)
 
 
-class VQADataset(torch.utils.data.Dataset):
+class VQADataset(EpochAware, torch.utils.data.Dataset):
     """The rows in `keep` (default: all) -> {"pixel_values": uint8 (3, H, W), "question", "example_index", and
     with targets the sparse soft scores "label_ids"/"label_scores"}. `targets` holds one `soft_score_targets`
     per row of `rows`. `example_index` is the position in this dataset: the evaluation gathers it to find each
     prediction's question. With a `skip_log` (training), an image that fails to decode although its header
-    passed the up-front check (a truncated file) is recorded and replaced by another row, drawn from the index,
-    so batch sizes stay equal across processes; otherwise it raises."""
+    passed the up-front check (a truncated file) is recorded and replaced by another row, drawn from (seed,
+    epoch, index) so a resumed run draws the same one and batch sizes stay equal across processes; otherwise it
+    raises."""
 
     def __init__(self, rows: VQARows, transform: ViltImageTransform, targets: list | None = None, keep: list[int] | None = None,
                  skip_log: SkippedSamples | None = None, split_name: str = "train", seed: int = 0):
@@ -242,6 +246,7 @@ class VQADataset(torch.utils.data.Dataset):
         self.targets = targets
         self.keep = list(range(len(rows.questions))) if keep is None else keep
         self.skip_log, self.split_name, self.seed = skip_log, split_name, seed
+        self._init_epoch()
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -254,23 +259,20 @@ class VQADataset(torch.utils.data.Dataset):
         return self.images[self.keep[index]][self.rows.image_column]
 
     def __getitem__(self, index: int) -> dict:
-        rng = random.Random(sample_seed(self.seed, 0, index))
-        for _ in range(10):
-            try:
-                image = load_image(self.image_value(index), self.rows.split.base_dir)
-                break
-            except ImageLoadError as err:
-                if self.skip_log is None:
-                    raise
-                self.skip_log.record(self.split_name, self.row(index), self.image_value(index), str(err))
-                index = rng.randrange(len(self))
-        else:
-            raise ImageLoadError(f"{self.rows.split.origin}: ten images in a row failed to decode; see {self.skip_log.path}")
+        rng = random.Random(sample_seed(self.seed, self.epoch, index))
+        on_error = self.record_decode_error if self.skip_log is not None else None
+        index, image = load_or_replace(self.load_image, index, len(self), rng, on_error)
         row = self.keep[index]
         sample = {"pixel_values": self.transform(image), "question": self.rows.questions[row], "example_index": index}
         if self.targets is not None:
             sample["label_ids"], sample["label_scores"] = self.targets[row]
         return sample
+
+    def load_image(self, index: int):
+        return load_image(self.image_value(index), self.rows.split.base_dir)
+
+    def record_decode_error(self, index: int, err: Exception) -> None:
+        self.skip_log.record(self.split_name, self.row(index), self.image_value(index), str(err))
 
 
 def find_unusable_rows(rows: VQARows, decode: bool, skip_log: SkippedSamples, split_name: str, workers: int = 16) -> set[int]:
@@ -560,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=datasets_.get("validation"),
         data_collator=VQACollator(processor.tokenizer, max_length, image_spec, model.config.num_labels),
         processing_class=processor,
-        callbacks=[NonFiniteGuard()],
+        callbacks=[NonFiniteGuard()] + ([SetEpochCallback(datasets_["train"])] if "train" in datasets_ else []),
         top_k=data_args.top_k_predictions,
     )
 

@@ -254,10 +254,29 @@ class SkippedSamples:
                 f.write(line + "\n")
 
     def count(self) -> int:
+        """Distinct (split, row) pairs listed: an image that fails to decode is listed each time it is drawn
+        (every epoch, and again after a resume), but is one skipped sample."""
         if not self.path or not os.path.exists(self.path):
             return 0
         with open(self.path) as f:
-            return sum(1 for _ in f)
+            return len({(r["split"], r["row"]) for r in map(json.loads, f)})
+
+
+def load_or_replace(load, index: int, size: int, rng: random.Random, on_error=None) -> tuple[int, object]:
+    """(index, load(index)); when `load` raises ImageLoadError (an image that passed the header check before the run
+    but does not decode: a truncated file), `on_error(index, err)` records it and another index in [0, size) is
+    drawn from `rng`, the sample's own (seed, epoch, index) generator, so a resumed run draws the same replacement
+    and batch sizes stay equal across processes. Without `on_error` the error is raised; so is a tenth failure in
+    a row, which means the data, not one file, is broken."""
+    for _ in range(10):
+        try:
+            return index, load(index)
+        except ImageLoadError as err:
+            if on_error is None:
+                raise
+            on_error(index, err)
+            index = rng.randrange(size)
+    raise ImageLoadError("ten images in a row failed to decode: check the image files")
 
 
 def check_image(value, base_dir: str | None, decode: bool) -> str | None:
@@ -370,20 +389,13 @@ class ImageTextDataset(EpochAware, torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rng = random.Random(sample_seed(self.seed, self.epoch, index))
-        for _ in range(10):
-            value = self.image_value(index)
-            try:
-                image = load_image(value, self.base_dir)
-                break
-            except ImageLoadError as err:
-                if self.skip_log is None or not self.sample_caption:
-                    raise
-                self.skip_log.record(self.split_name, self.rows[index], value, str(err))
-                index = rng.randrange(len(self.rows))  # a replacement, the same on every replay
-        else:
-            raise ImageLoadError(f"{self.origin}: ten images in a row failed to decode; see {self.skip_log.path}")
+        on_error = self.record_decode_error if self.skip_log is not None and self.sample_caption else None
+        index, image = load_or_replace(lambda i: load_image(self.image_value(i), self.base_dir), index, len(self), rng, on_error)
         pixels = self.transform(image, rng)
         captions = self.captions[index]
         if not self.sample_caption:
             return {"pixel_values": pixels, "captions": captions}
         return {"pixel_values": pixels, "caption": captions[rng.randrange(len(captions))]}
+
+    def record_decode_error(self, index: int, err: Exception) -> None:
+        self.skip_log.record(self.split_name, self.rows[index], self.image_value(index), str(err))
