@@ -133,7 +133,8 @@ class DataArguments(DataSourceArguments):
 @dataclass
 class VQARows:
     """One split's questions, read and checked up front. `answers` is None for a split without an answers
-    column (a test set to predict)."""
+    column (a test set to predict). `problems` maps the rows that cannot be used (an empty or non-text question,
+    no answers) to the reason: they are skipped and listed, and their answers here are empty."""
 
     split: Split
     image_column: str
@@ -141,6 +142,7 @@ class VQARows:
     answers: list[list[str]] | None
     question_ids: list
     answer_types: list[str] | None
+    problems: dict[int, str] = field(default_factory=dict)
 
 
 def resolve_columns(split: Split, data_args: DataArguments) -> dict[str, str | None]:
@@ -158,16 +160,20 @@ def resolve_columns(split: Split, data_args: DataArguments) -> dict[str, str | N
 
 
 def read_vqa_rows(split: Split, columns: dict[str, str | None], answers_required: bool) -> VQARows:
-    """Read and check every row's question, answers, id and answer type, so a bad value stops the run at once
-    with its file and row. Without a question_id column, the row number is the id."""
+    """Read and check every row's question, answers, id and answer type before the run starts. A row whose
+    question is empty or not text, or whose answers are missing or unreadable, goes to `problems` with its column
+    and reason (skipped and listed later, within --max_bad_samples_fraction). Questions such as "NA" or "null"
+    are text and kept. Without a question_id column, the row number is the id."""
+    problems = {}
 
-    def fail(row, column, message):
-        raise ValueError(f"{split.origin}, row {row}, column {column!r}: {message}")
+    def problem(row, column, message):
+        problems.setdefault(row, f"column {column!r}: {message}")
 
     questions = list(split.rows[columns["question"]])
     for row, question in enumerate(questions):
         if not isinstance(question, str) or not question.strip():
-            fail(row, columns["question"], f"question {question!r} is not a non-empty string")
+            problem(row, columns["question"], f"question {question!r} is not a non-empty string")
+            questions[row] = ""
     answers = None
     if columns["answers"] in split.rows.column_names:
         answers = []
@@ -175,10 +181,11 @@ def read_vqa_rows(split: Split, columns: dict[str, str | None], answers_required
             try:
                 parsed = parse_answers(value)
             except ValueError as err:
-                fail(row, columns["answers"], err)
+                problem(row, columns["answers"], str(err))
+                parsed = []
             if not parsed:
-                fail(row, columns["answers"], "no answers; every question needs at least one")
-            answers.append(parsed)
+                problem(row, columns["answers"], "no answers; every question needs at least one")
+            answers.append([] if row in problems else parsed)  # a skipped row adds nothing to the answer set
     elif answers_required:
         check_columns(split, answers_column=columns["answers"])
     names = split.rows.column_names
@@ -188,8 +195,9 @@ def read_vqa_rows(split: Split, columns: dict[str, str | None], answers_required
         answer_types = list(split.rows[columns["answer_type"]])
         for row, answer_type in enumerate(answer_types):
             if not isinstance(answer_type, str):
-                fail(row, columns["answer_type"], f"answer type {answer_type!r} is not a string")
-    return VQARows(split, columns["image"], questions, answers, question_ids, answer_types)
+                problem(row, columns["answer_type"], f"answer type {answer_type!r} is not a string")
+                answer_types[row] = ""
+    return VQARows(split, columns["image"], questions, answers, question_ids, answer_types, problems)
 
 
 def vilt_resize_size(height: int, width: int, shortest_edge: int, size_divisor: int | None) -> tuple[int, int]:
@@ -276,8 +284,9 @@ class VQADataset(EpochAware, torch.utils.data.Dataset):
 
 
 def find_unusable_rows(rows: VQARows, decode: bool, skip_log: SkippedSamples, split_name: str, workers: int = 16) -> set[int]:
-    """Rows whose image fails `check_image` (a header check, or with `decode` a full decode), recorded in
-    `skip_log`. Each image file is checked once: VQAv2 asks about five questions per image."""
+    """Rows with a problem found by `read_vqa_rows`, or whose image fails `check_image` (a header check, or with
+    `decode` a full decode), recorded in `skip_log`. Each image file is checked once: VQAv2 asks about five
+    questions per image."""
     values = list(rows.split.rows[rows.image_column])
     keys = [value if isinstance(value, str) else ("row", row) for row, value in enumerate(values)]
     distinct = dict(zip(keys, values))
@@ -285,11 +294,12 @@ def find_unusable_rows(rows: VQARows, decode: bool, skip_log: SkippedSamples, sp
         problems = dict(zip(distinct, pool.map(lambda v: check_image(v, rows.split.base_dir, decode), distinct.values())))
     bad = set()
     for row, key in enumerate(keys):
-        if problems[key] is not None:
-            skip_log.record(split_name, row, values[row], problems[key])
+        problem = rows.problems.get(row) or problems[key]
+        if problem is not None:
+            skip_log.record(split_name, row, values[row], problem)
             bad.add(row)
     if bad:
-        logger.warning("%s: skipped %d of %d questions with unusable images (see %s)", rows.split.origin, len(bad), len(keys), skip_log.path)
+        logger.warning("%s: skipped %d of %d questions (see %s)", rows.split.origin, len(bad), len(keys), skip_log.path)
     return bad
 
 
