@@ -57,6 +57,7 @@ from utils.data import (
     guess_column,
     load_or_replace,
     load_requested_splits,
+    log_duplicate_rows,
     sample_seed,
 )
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
@@ -524,6 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
     skip_log = SkippedSamples(os.path.join(training_args.output_dir, "skipped_samples.jsonl"), write=training_args.process_index == 0)
     datasets_ = {}
     for split, rows in splits.items():
+        log_duplicate_rows(rows, [image_column, caption_column], split)
         images = ImageTextDataset(
             rows, image_column, caption_column, build_image_transform(image_spec), sample_caption=False, seed=training_args.seed,
             skip_log=skip_log, split_name=split, decode_check=split != "train", max_bad_fraction=run_args.max_bad_samples_fraction,

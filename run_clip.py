@@ -46,6 +46,7 @@ from utils.data import (
     check_columns,
     guess_column,
     load_requested_splits,
+    log_duplicate_rows,
 )
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
 from utils.losses import clip_loss
@@ -430,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     skip_log = SkippedSamples(os.path.join(training_args.output_dir, "skipped_samples.jsonl"), write=training_args.process_index == 0)
     datasets_ = {}
     for split, rows in splits.items():
+        log_duplicate_rows(rows, [image_column, caption_column], split, contrastive=True)
         is_train = split == "train"
         transform = build_image_transform(image_spec, augment=is_train and data_args.augment)
         datasets_[split] = ImageTextDataset(

@@ -51,6 +51,7 @@ from utils.data import (
     guess_column,
     load_or_replace,
     load_requested_splits,
+    log_duplicate_rows,
     sample_seed,
 )
 from utils.images import ImageTransformSpec, load_image, normalize_pixels
@@ -545,6 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for split, data in splits.items():
         check_columns(data, image_column=columns["image"], question_column=columns["question"])
+        log_duplicate_rows(data, [c for c in (columns["image"], columns["question"], columns["answers"]) if c in data.rows.column_names], split)
         rows[split] = read_vqa_rows(data, columns, answers_required=split != "test")
 
     # 3. Model, processor and answer set; seeded first, as a new answer head is initialized at random.

@@ -8,6 +8,7 @@ failing inside `datasets`; relative paths resolve against the folder of the data
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import logging
 import math
@@ -277,6 +278,30 @@ def load_or_replace(load, index: int, size: int, rng: random.Random, on_error=No
             on_error(index, err)
             index = rng.randrange(size)
     raise ImageLoadError("ten images in a row failed to decode: check the image files")
+
+
+def count_duplicate_rows(rows: datasets.Dataset, columns: list[str]) -> int:
+    """Rows equal, in `columns`, to an earlier row."""
+    seen, duplicates = set(), 0
+    for values in zip(*(rows[c] for c in columns)):
+        # A digest per row: image values may be whole files (bytes), which a set should not hold.
+        key = hashlib.blake2b(json.dumps(values, sort_keys=True, default=repr).encode(), digest_size=16).digest()
+        duplicates += key in seen
+        seen.add(key)
+    return duplicates
+
+
+def log_duplicate_rows(split: Split, columns: list[str], split_name: str, contrastive: bool = False) -> int:
+    """Duplicate rows are kept (a repeated row may be deliberate weighting) and counted in the log. In a
+    contrastive batch a duplicate is a false negative: the loss pushes apart a pair that matches."""
+    duplicates = count_duplicate_rows(split.rows, columns)
+    if duplicates:
+        why = "; in a contrastive batch, a row and its duplicate are false negatives of each other" if contrastive else ""
+        logger.warning(
+            "%s: %d of %d rows repeat an earlier row (columns %s); kept%s. Remove them from the file if they are not meant.",
+            split_name, duplicates, len(split.rows), columns, why,
+        )
+    return duplicates
 
 
 def check_image(value, base_dir: str | None, decode: bool) -> str | None:
