@@ -186,7 +186,7 @@ def read_vqa_rows(split: Split, columns: dict[str, str | None], answers_required
                 parsed = []
             if not parsed:
                 problem(row, columns["answers"], "no answers; every question needs at least one")
-            answers.append([] if row in problems else parsed)  # a skipped row adds nothing to the answer set
+            answers.append(parsed)
     elif answers_required:
         check_columns(split, answers_column=columns["answers"])
     names = split.rows.column_names
@@ -198,6 +198,9 @@ def read_vqa_rows(split: Split, columns: dict[str, str | None], answers_required
             if not isinstance(answer_type, str):
                 problem(row, columns["answer_type"], f"answer type {answer_type!r} is not a string")
                 answer_types[row] = ""
+    if answers is not None:
+        for row in problems:
+            answers[row] = []  # a skipped row adds nothing to the answer set
     return VQARows(split, columns["image"], questions, answers, question_ids, answer_types, problems)
 
 
