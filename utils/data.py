@@ -277,7 +277,7 @@ def load_or_replace(load, index: int, size: int, rng: random.Random, on_error=No
                 raise
             on_error(index, err)
             index = rng.randrange(size)
-    raise ImageLoadError("ten images in a row failed to decode: check the image files")
+    raise ImageLoadError("ten images in a row failed to decode (each is listed in skipped_samples.jsonl): check the image files")
 
 
 def count_duplicate_rows(rows: datasets.Dataset, columns: list[str]) -> int:
