@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
         image_spec, len(caption_format.start_ids), len(caption_format.prompt_ids), caption_format.end_id, max_length,
     )
     # Unusable rows are left out and listed; evaluation images are decoded in full up front.
-    skip_log = SkippedSamples(os.path.join(training_args.output_dir, "skipped_samples.jsonl"), write=training_args.process_index == 0)
+    skip_log = SkippedSamples.for_run(training_args, resuming=resume_from is not None)
     datasets_ = {}
     for split, rows in splits.items():
         log_duplicate_rows(rows, [image_column, caption_column], split)

@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("Images: %s; captions truncated at %d tokens, padded to the longest in each batch", image_spec, max_length)
     # Unusable rows are left out and listed; evaluation images are decoded in full up front, so every metric
     # is computed on a known set of samples.
-    skip_log = SkippedSamples(os.path.join(training_args.output_dir, "skipped_samples.jsonl"), write=training_args.process_index == 0)
+    skip_log = SkippedSamples.for_run(training_args, resuming=resume_from is not None)
     datasets_ = {}
     for split, rows in splits.items():
         log_duplicate_rows(rows, [image_column, caption_column], split, contrastive=True)

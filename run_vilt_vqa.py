@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
     transform = ViltImageTransform(image_spec, getattr(image_processor, "size_divisor", None))
     max_length = resolve_max_length(data_args.max_seq_length, processor.tokenizer, model.config)
     # Unusable images are left out and listed in skipped_samples.jsonl, within --max_bad_samples_fraction.
-    skip_log = SkippedSamples(os.path.join(training_args.output_dir, "skipped_samples.jsonl"), write=training_args.process_index == 0)
+    skip_log = SkippedSamples.for_run(training_args, resuming=resume_from is not None)
     datasets_ = build_vqa_datasets(rows, transform, model.config.label2id, skip_log, run_args.max_bad_samples_fraction, training_args.seed)
 
     # 5. Trainer.

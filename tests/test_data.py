@@ -151,3 +151,29 @@ def test_requested_splits_are_loaded_limited_and_checked(folder):
         load_requested_splits(data_args, nothing)
     with pytest.raises(ValueError, match="--max_eval_samples must be >= 1"):
         DataSourceArguments(train_file=str(path), max_eval_samples=0)
+
+
+def test_skipped_samples_list_restarts_with_a_fresh_run_and_caps_the_log(tmp_path, caplog):
+    """A resumed run adds to output_dir/skipped_samples.jsonl, a fresh run starts it anew; every skip is listed,
+    but each process logs only the first SkippedSamples.MAX_LOGGED one by one."""
+    import logging
+    from types import SimpleNamespace
+
+    from utils.data import SkippedSamples
+
+    args = SimpleNamespace(output_dir=str(tmp_path), process_index=0)
+    first = SkippedSamples.for_run(args, resuming=False)
+    first.record("train", 0, "a.png", "missing")
+    assert SkippedSamples.for_run(args, resuming=True).count() == 1
+    fresh = SkippedSamples.for_run(args, resuming=False)
+    assert fresh.count() == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="utils.data"):
+        for row in range(SkippedSamples.MAX_LOGGED + 5):
+            fresh.record("train", row, f"{row}.png", "missing")
+    assert fresh.count() == SkippedSamples.MAX_LOGGED + 5
+    one_by_one = [r for r in caplog.records if r.getMessage().startswith("Skipping train row")]
+    assert len(one_by_one) == SkippedSamples.MAX_LOGGED
+    assert any("all are listed in" in r.getMessage() for r in caplog.records)
+    other_rank = SkippedSamples.for_run(SimpleNamespace(output_dir=str(tmp_path), process_index=1), resuming=False)
+    assert other_rank.count() == SkippedSamples.MAX_LOGGED + 5  # only the main process clears and writes

@@ -243,12 +243,30 @@ class SkippedSamples:
     its split, row, image and reason, in output_dir/skipped_samples.jsonl. Appends are single writes to a
     file opened in append mode, so data loader workers and several processes may share one file."""
 
+    # Each process logs its first skips one per line; past that a web-scale set's thousands would bury the log.
+    MAX_LOGGED = 20
+
     def __init__(self, path: str | None, write: bool = True):
         self.path = path
         self.write = write and path is not None
+        self.logged = 0
+
+    @classmethod
+    def for_run(cls, training_args, resuming: bool) -> SkippedSamples:
+        """output_dir/skipped_samples.jsonl, written by the main process. A resumed run adds to the list; a fresh
+        one (say with --overwrite_output_dir) starts it anew rather than adding to a finished run's."""
+        path = os.path.join(training_args.output_dir, "skipped_samples.jsonl")
+        write = training_args.process_index == 0
+        if write and not resuming and os.path.exists(path):
+            os.remove(path)
+        return cls(path, write)
 
     def record(self, split: str, row: int, image, reason: str) -> None:
-        logger.warning("Skipping %s row %d (%s): %s", split, row, image if isinstance(image, str) else "image", reason)
+        if self.logged < self.MAX_LOGGED:
+            logger.warning("Skipping %s row %d (%s): %s", split, row, image if isinstance(image, str) else "image", reason)
+            self.logged += 1
+            if self.logged == self.MAX_LOGGED:
+                logger.warning("Further skipped samples are not logged one by one; all are listed in %s", self.path)
         if self.write:
             line = json.dumps({"split": split, "row": row, "image": image if isinstance(image, str) else None, "reason": reason})
             with open(self.path, "a") as f:
