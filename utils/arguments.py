@@ -28,7 +28,11 @@ class ModelSourceArguments:
 class DataSourceArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "A dataset on the Hub."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
-    train_file: str | None = field(default=None, metadata={"help": "csv/json/jsonl/parquet file, or an image folder with metadata.jsonl."})
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "csv/json/jsonl/parquet file, an image folder with metadata.jsonl, or webdataset .tar shards (a file, "
+                          "a folder of them, or a glob such as 'shards/train-*.tar')."},
+    )
     validation_file: str | None = field(default=None, metadata={"help": "Validation data, same formats."})
     test_file: str | None = field(default=None, metadata={"help": "Test data for --do_predict, same formats."})
     image_column: str | None = field(default=None, metadata={"help": "Column of image paths or images (default: image, image_path, file_name)."})
@@ -36,6 +40,16 @@ class DataSourceArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
     gallery_size: int = field(default=50, metadata={"help": "Examples shown in output_dir/gallery_<split>.html after evaluation (0: none)."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the training data as a stream (Hub or local, never copied into the datasets cache), so memory "
+                          "and disk do not grow with its size; needs --max_steps. Evaluation splits are still read whole."},
+    )
+    shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={"help": "With --streaming: rows held in the shuffle buffer of each process and data loader worker (shard order "
+                          "is shuffled too)."},
+    )
 
     def __post_init__(self):
         if not (self.dataset_name or self.train_file or self.validation_file or self.test_file):
@@ -45,6 +59,8 @@ class DataSourceArguments:
                 raise ValueError(f"--{name} must be >= 1 (or unset), got {getattr(self, name)}.")
         if self.gallery_size < 0:
             raise ValueError(f"--gallery_size must be >= 0, got {self.gallery_size}.")
+        if self.shuffle_buffer_size < 1:
+            raise ValueError(f"--shuffle_buffer_size must be >= 1 (1: shard order only), got {self.shuffle_buffer_size}.")
 
     def data_files(self) -> dict[str, str | None]:
         return {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}

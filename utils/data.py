@@ -1,4 +1,5 @@
-"""Loading image-text data: Hub datasets, local csv/json/jsonl files, image folders with metadata.jsonl.
+"""Loading image-text data: Hub datasets, local csv/json/jsonl files, image folders with metadata.jsonl, webdataset
+.tar shards; whole (map-style) or, with --streaming, the training split as a stream (utils.streams).
 
 Image values are kept undecoded (paths, or `datasets` Image values with `decode=False`) and decoded by
 `utils.images.load_image` in the data loader, so one bad file is reported with its name instead of
@@ -8,6 +9,7 @@ failing inside `datasets`; relative paths resolve against the folder of the data
 from __future__ import annotations
 
 import codecs
+import glob
 import hashlib
 import json
 import logging
@@ -26,16 +28,25 @@ from .text import parse_captions
 logger = logging.getLogger(__name__)
 
 DATA_FILE_EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SHARD_EXTENSION = ".tar"
+# A webdataset sample is the files that share a key (000123.jpg, 000123.json); these become the scripts' columns.
+WEBDATASET_TEXT_FIELDS = ("txt", "text")
+WEBDATASET_JSON_FIELDS = ("json", "jsn")
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 
 @dataclass
 class Split:
-    """One split of raw data: the rows, the folder relative image paths resolve against, a name for messages."""
+    """One split of raw data: the rows, the folder relative image paths resolve against, a name for messages.
+    `rows` is a `datasets.IterableDataset` for a training split read with --streaming."""
 
-    rows: datasets.Dataset
+    rows: datasets.Dataset | datasets.IterableDataset
     base_dir: str | None
     origin: str
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.rows, datasets.IterableDataset)
 
 
 def load_splits(
@@ -44,40 +55,59 @@ def load_splits(
     data_files: dict[str, str | None] | None = None,
     cache_dir: str | None = None,
     image_column: str | None = None,
+    streaming: bool = False,
 ) -> dict[str, Split]:
     """Load the requested splits, keyed "train", "validation", "test".
 
-    `data_files` maps split -> a csv/json/jsonl/parquet file or an image folder (holding the images and a
-    metadata.jsonl/csv naming a `file_name` per row). Local files take precedence over `dataset_name` split
-    by split, so a Hub training set can be evaluated on a local file.
+    `data_files` maps split -> a csv/json/jsonl/parquet file, an image folder (holding the images and a
+    metadata.jsonl/csv naming a `file_name` per row) or webdataset shards (`find_shards`). Local files take
+    precedence over `dataset_name` split by split, so a Hub training set can be evaluated on a local file.
+
+    With `streaming`, the training split is a `datasets.IterableDataset` read on demand: nothing is downloaded or
+    written to the datasets cache up front. So are a Hub dataset's other splits (a whole Hub dataset would be
+    downloaded); local evaluation files are read whole, with every check. Webdataset samples become columns
+    (`webdataset_columns`) either way.
     """
     data_files = {k: v for k, v in (data_files or {}).items() if v}
     splits: dict[str, Split] = {}
     if dataset_name:
-        hub = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        hub = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, streaming=streaming)
         for split, aliases in SPLIT_ALIASES.items():
             found = next((a for a in aliases if a in hub), None)
             if found is not None:
                 splits[split] = Split(hub[found], None, f"{dataset_name}[{found}]")
     for split, path in data_files.items():
-        splits[split] = _load_local(path, cache_dir)
-    if image_column:
-        for split in splits.values():
-            feature = split.rows.features.get(image_column)
-            if isinstance(feature, datasets.Image) and feature.decode:
-                split.rows = split.rows.cast_column(image_column, datasets.Image(decode=False))
+        splits[split] = _load_local(path, cache_dir, streaming and split == "train")
+    for split in splits.values():
+        if split.streaming and split.rows.features is None:
+            split.rows = split.rows._resolve_features()  # csv streams learn their columns from the first rows
+        shards = is_webdataset(split.rows)
+        split.rows = webdataset_columns(split.rows)
+        for name, feature in split.rows.features.items():
+            # Undecoded: utils.images.load_image decodes, so a bad file is skipped with its name. Streams and shards
+            # always; other whole data sets for the image column the script names.
+            if isinstance(feature, datasets.Image) and feature.decode and (split.streaming or shards or name == image_column):
+                split.rows = split.rows.cast_column(name, datasets.Image(decode=False))
     return splits
 
 
 def load_requested_splits(data_args, training_args, cache_dir: str | None = None, image_column: str | None = None) -> dict[str, Split]:
     """The splits the run asks for (train with --do_train, validation with --do_eval, test with --do_predict),
     each cut to its --max_*_samples; a requested split that the data lacks stops the run here, naming the flag.
-    `data_args` is a utils.arguments.DataSourceArguments."""
+    `data_args` is a utils.arguments.DataSourceArguments.
+
+    With --streaming the training split stays a stream (cut with `take`); streamed evaluation splits (a Hub
+    dataset's), which must be scored exactly once and are decoded up front, are read into memory (each cut first
+    to its limit)."""
     wanted = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
     if not any(wanted.values()):
         raise ValueError("Nothing to do: pass --do_train, --do_eval and/or --do_predict.")
+    if data_args.streaming and training_args.do_train:
+        check_streaming_schedule(training_args)
     requested_files = {split: path for split, path in data_args.data_files().items() if wanted[split]}
-    splits = load_splits(data_args.dataset_name, data_args.dataset_config_name, requested_files, cache_dir, image_column)
+    splits = load_splits(
+        data_args.dataset_name, data_args.dataset_config_name, requested_files, cache_dir, image_column, streaming=data_args.streaming
+    )
     limits = data_args.sample_limits()
     requested = {}
     for split, needed in wanted.items():
@@ -87,29 +117,128 @@ def load_requested_splits(data_args, training_args, cache_dir: str | None = None
             flag = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}[split]
             raise ValueError(f"--{flag} needs a {split} split: pass --{split}_file or a --dataset_name that has one.")
         data = splits[split]
-        if limits[split] is not None and limits[split] < len(data.rows):
+        if data.streaming:
+            if limits[split] is not None:
+                data.rows = data.rows.take(limits[split])
+            if split != "train":
+                data.rows = read_stream(data.rows)
+                logger.info("%s: read %d rows of %s into memory (evaluation is exact; cap it with --max_*_samples)", split, len(data.rows), data.origin)
+        elif limits[split] is not None and limits[split] < len(data.rows):
             data.rows = data.rows.select(range(limits[split]))
         requested[split] = data
     return requested
 
 
-def _load_local(path: str, cache_dir: str | None) -> Split:
+def check_streaming_schedule(training_args) -> None:
+    """A stream has no length: the run is as long as --max_steps says, and "epoch" schedules never fire."""
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise ValueError(
+            f"--streaming reads the training data as a stream of unknown length, so --num_train_epochs cannot be "
+            f"counted; got --max_steps {training_args.max_steps}. Pass --max_steps N, the number of optimizer steps to train."
+        )
+    for flag in ("eval_strategy", "save_strategy", "logging_strategy"):
+        if str(getattr(training_args, flag)) in ("epoch", "IntervalStrategy.EPOCH", "SaveStrategy.EPOCH"):
+            raise ValueError(f"--{flag} epoch: with --streaming an epoch has no end before --max_steps; pass --{flag} steps.")
+
+
+def read_stream(rows: datasets.IterableDataset) -> datasets.Dataset:
+    """An (evaluation-sized) stream read into an in-memory data set, keeping its features."""
+    return datasets.Dataset.from_list(list(rows), features=rows.features)
+
+
+def find_shards(path: str) -> list[str] | None:
+    """The webdataset shards `path` names, sorted: a .tar file, a folder holding .tar files (and no metadata file,
+    which would make it an image folder), or a glob such as 'shards/train-*.tar'. None if it names no shards."""
+    if glob.has_magic(path):
+        matches = sorted(os.path.abspath(p) for p in glob.glob(path))
+        if not matches:
+            raise FileNotFoundError(f"data file pattern {path!r} matches no file")
+        others = [p for p in matches if not p.endswith(SHARD_EXTENSION)]
+        if others:
+            raise ValueError(f"data file pattern {path!r} matches {others[0]!r}: a pattern must name webdataset {SHARD_EXTENSION} shards only")
+        return matches
+    if os.path.isfile(path) and path.lower().endswith(SHARD_EXTENSION):
+        return [os.path.abspath(path)]
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        if not any(name.startswith("metadata.") for name in names):
+            shards = sorted(os.path.join(os.path.abspath(path), n) for n in names if n.endswith(SHARD_EXTENSION))
+            return shards or None
+    return None
+
+
+def webdataset_columns(rows):
+    """Webdataset samples (files sharing a key: `000123.jpg`, `000123.txt`, `000123.json`) as the columns the
+    scripts read: the keys of the .json file become columns of their own (`captions`, `question`, `answers`...),
+    the single image file becomes `image` and the .txt file `text`; `__key__` and `__url__` (the shard) stay.
+    Rows that are not webdataset samples are returned as they are. Lazy for a stream; for a whole data set the
+    columns are renamed, not copied."""
+    if not is_webdataset(rows):
+        return rows
+    features = rows.features
+    json_field = next((f for f in WEBDATASET_JSON_FIELDS if isinstance(features.get(f), dict)), None)
+    lifted = dict(features[json_field]) if json_field else {}
+    renames = {}
+    images = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    if len(images) == 1 and "image" not in lifted and "image" not in features:
+        renames[images[0]] = "image"
+    text = next((f for f in WEBDATASET_TEXT_FIELDS if f in features), None)
+    if text and "text" not in lifted and text != "text":
+        renames[text] = "text"
+    clashes = set(lifted) & (set(features) - {json_field})
+    if clashes:
+        raise ValueError(f"webdataset samples: the .{json_field} keys {sorted(clashes)} clash with the files of the same names")
+    if isinstance(rows, datasets.Dataset):
+        if json_field:
+            rows = rows.flatten(max_depth=2).rename_columns({f"{json_field}.{key}": key for key in lifted})
+        return rows.rename_columns(renames)
+    for name in images:  # before the map, which would otherwise hand it decoded images
+        rows = rows.cast_column(name, datasets.Image(decode=False))
+    features = rows.features
+    columns = {renames.get(name, name): feature for name, feature in features.items() if name != json_field}
+    columns.update(lifted)
+    return rows.map(_lift_webdataset_fields, fn_kwargs={"json_field": json_field, "renames": renames},
+                    remove_columns=[json_field, *renames] if json_field else list(renames), features=datasets.Features(columns))
+
+
+def is_webdataset(rows) -> bool:
+    return rows.features is not None and {"__key__", "__url__"} <= set(rows.features)
+
+
+def _lift_webdataset_fields(row: dict, json_field: str | None, renames: dict[str, str]) -> dict:
+    lifted = {renames[name]: value for name, value in row.items() if name in renames}
+    if json_field:
+        lifted.update(row[json_field] or {})
+    return lifted
+
+
+def _load_local(path: str, cache_dir: str | None, streaming: bool = False) -> Split:
+    shards = find_shards(path)
+    if shards is not None:
+        # Whole (map-style), the shards are copied into the datasets cache once; streamed, they are read in place.
+        rows = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", cache_dir=cache_dir, streaming=streaming)
+        return Split(rows, os.path.dirname(shards[0]), path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     path = os.path.abspath(path)
     if os.path.isdir(path):
-        rows = datasets.load_dataset("imagefolder", data_dir=path, split="train", cache_dir=cache_dir)
+        rows = datasets.load_dataset("imagefolder", data_dir=path, split="train", cache_dir=cache_dir, streaming=streaming)
         return Split(rows, path, path)
     extension = os.path.splitext(path)[1].lower()
     builder = DATA_FILE_EXTENSIONS.get(extension)
     if builder is None:
-        raise ValueError(f"data file {path!r}: expected a .csv, .json, .jsonl or .parquet file, or an image folder with metadata.jsonl")
+        raise ValueError(
+            f"data file {path!r}: expected a .csv, .json, .jsonl or .parquet file, an image folder with metadata.jsonl, "
+            "or webdataset .tar shards"
+        )
     if builder in ("csv", "json"):
         check_utf8(path)
         check_has_rows(path, builder)
     # keep_default_na/na_filter: pandas would otherwise read captions such as "NA", "None" or "null" as NaN.
     kwargs = {"keep_default_na": False, "na_filter": False} if builder == "csv" else {}
-    rows = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, **kwargs)
+    rows = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, streaming=streaming, **kwargs)
+    if streaming:  # read as it trains; restore_json_columns would read the whole file
+        return Split(rows, os.path.dirname(path), path)
     if len(rows) == 0:
         raise ValueError(f"data file {path!r} holds no rows. Pass a file with data, or leave the flag out.")
     if builder == "json":
@@ -240,8 +369,9 @@ class SetEpochCallback(TrainerCallback):
 
 class SkippedSamples:
     """The record of samples left out of a run: counted in the log and listed, one JSON line per sample with
-    its split, row, image and reason, in output_dir/skipped_samples.jsonl. Appends are single writes to a
-    file opened in append mode, so data loader workers and several processes may share one file."""
+    its split, row (the row number, or for a stream the sample's key), image and reason, in
+    output_dir/skipped_samples.jsonl. Appends are single writes to a file opened in append mode, so data loader
+    workers and several processes may share one file."""
 
     # Each process logs its first skips one per line; past that a web-scale set's thousands would bury the log.
     MAX_LOGGED = 20
@@ -261,9 +391,9 @@ class SkippedSamples:
             os.remove(path)
         return cls(path, write)
 
-    def record(self, split: str, row: int, image, reason: str) -> None:
+    def record(self, split: str, row: int | str, image, reason: str) -> None:
         if self.logged < self.MAX_LOGGED:
-            logger.warning("Skipping %s row %d (%s): %s", split, row, image if isinstance(image, str) else "image", reason)
+            logger.warning("Skipping %s row %s (%s): %s", split, row, image if isinstance(image, str) else "image", reason)
             self.logged += 1
             if self.logged == self.MAX_LOGGED:
                 logger.warning("Further skipped samples are not logged one by one; all are listed in %s", self.path)
