@@ -11,6 +11,9 @@ One process:
 Several GPUs:
     torchrun --nproc_per_node 8 run_blip_caption.py <the same flags>
 
+Data larger than memory or disk, streamed from webdataset shards (or a Hub dataset) for a fixed number of steps:
+    torchrun --nproc_per_node 8 run_blip_caption.py <the same flags> --train_file "shards/train-*.tar" --streaming --max_steps 20000
+
 The embedded demo, a tiny BLIP trained from random weights on synthetic shapes, from a config file (a few minutes
 on two CPU cores; one intra-op thread, as a model this small gains nothing from a second one):
     python -m utils.demo caption --output_dir demo && OMP_NUM_THREADS=1 python run_blip_caption.py configs/demo_caption.yaml
@@ -61,6 +64,7 @@ from utils.data import (
     sample_seed,
 )
 from utils.images import ImageTransformSpec, build_image_transform, normalize_pixels
+from utils.streams import ImageTextStream, StreamLoaderMixin, stream_options
 from utils.text import resolve_max_length
 from utils.training import (
     NonFiniteGuard,
@@ -319,9 +323,10 @@ def compute_metrics(predictions: list[str], references: list[list[str]], use_jav
     return scores
 
 
-class CaptionTrainer(Trainer):
+class CaptionTrainer(StreamLoaderMixin, Trainer):
     """The Trainer with the caption loss (label smoothing, token-weighted across batches and accumulation steps),
-    and an evaluation that generates from the image and the prompt only.
+    and an evaluation that generates from the image and the prompt only (and a training stream's DataLoader, for
+    --streaming).
 
     Not Seq2SeqTrainer(predict_with_generate=True): it hands the batch's `input_ids`, the reference caption, to
     `generate`, which then continues the reference and inflates every metric.
@@ -521,10 +526,18 @@ def main(argv: list[str] | None = None) -> dict:
         "Images: %s; sequences: %d start tokens, %d prompt tokens, caption, end token %d; at most %d tokens",
         image_spec, len(caption_format.start_ids), len(caption_format.prompt_ids), caption_format.end_id, max_length,
     )
-    # Unusable rows are left out and listed; evaluation images are decoded in full up front.
+    # Unusable rows are left out and listed; evaluation images are decoded in full up front. A streamed training
+    # split is checked row by row as it is read, and shows each image once a pass with one of its captions.
     skip_log = SkippedSamples.for_run(training_args, resuming=resume_from is not None)
     datasets_ = {}
     for split, rows in splits.items():
+        if rows.streaming:  # duplicates are not counted: that would read the whole stream
+            datasets_[split] = ImageTextStream(
+                rows, image_column, caption_column, build_image_transform(image_spec),
+                **stream_options(training_args, data_args, run_args, skip_log),
+            )
+            logger.info("%s: streamed from %s (%d shards)", split, rows.origin, rows.rows.num_shards)
+            continue
         log_duplicate_rows(rows, [image_column, caption_column], split)
         images = ImageTextDataset(
             rows, image_column, caption_column, build_image_transform(image_spec), sample_caption=False, seed=training_args.seed,
@@ -533,7 +546,9 @@ def main(argv: list[str] | None = None) -> dict:
         datasets_[split] = CaptionDataset(images, pairs=split == "train")
         logger.info("%s: %d images, %d captions, %d samples", split, len(images), sum(map(len, images.captions)), len(datasets_[split]))
     collator = CaptionCollator(processor.tokenizer, caption_format, max_length, image_spec, data_args.clean_captions, data_args.max_caption_words)
-    collator.encode([datasets_[next(iter(datasets_))].references(0)[0]])  # a prompt the tokenizer merges fails here
+    first = datasets_[next(iter(datasets_))]
+    example = first.example_captions() if isinstance(first, ImageTextStream) else first.references(0)
+    collator.encode(example[:1])  # a prompt the tokenizer merges fails here
 
     # 5. Trainer.
     trainer = CaptionTrainer(

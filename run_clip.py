@@ -10,6 +10,9 @@ One process:
 Several GPUs (negatives are gathered from every process by default):
     torchrun --nproc_per_node 8 run_clip.py <the same flags>
 
+Data larger than memory or disk, streamed from webdataset shards (or a Hub dataset) for a fixed number of steps:
+    torchrun --nproc_per_node 8 run_clip.py <the same flags> --train_file "shards/train-*.tar" --streaming --max_steps 20000
+
 A pretrained ViT and a pretrained BERT joined by new projections, from a config file:
     python run_clip.py configs/dual_encoder.yaml
 """
@@ -52,6 +55,7 @@ from utils.images import ImageTransformSpec, build_image_transform, normalize_pi
 from utils.losses import clip_loss
 from utils.report import LazyImages, write_retrieval_gallery
 from utils.retrieval import chance_recall, retrieval_metrics
+from utils.streams import ImageTextStream, StreamLoaderMixin, stream_options
 from utils.text import resolve_max_length
 from utils.training import (
     NonFiniteGuard,
@@ -173,9 +177,9 @@ def embed(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
 
-class ClipTrainer(Trainer):
+class ClipTrainer(StreamLoaderMixin, Trainer):
     """The Trainer with the CLIP loss in float32 (global negatives across processes), per-tower learning
-    rates and freezing schedules, and retrieval evaluation."""
+    rates and freezing schedules, and retrieval evaluation (and a training stream's DataLoader, for --streaming)."""
 
     def __init__(self, *args, model_args: ModelArguments, retrieval_chunk_size: int = 1024, **kwargs):
         super().__init__(*args, **kwargs)
@@ -427,13 +431,19 @@ def main(argv: list[str] | None = None) -> dict:
     max_length = resolve_max_length(data_args.max_seq_length, processor.tokenizer, text_config)
     logger.info("Images: %s; captions truncated at %d tokens, padded to the longest in each batch", image_spec, max_length)
     # Unusable rows are left out and listed; evaluation images are decoded in full up front, so every metric
-    # is computed on a known set of samples.
+    # is computed on a known set of samples. A streamed training split is checked row by row as it is read.
     skip_log = SkippedSamples.for_run(training_args, resuming=resume_from is not None)
     datasets_ = {}
     for split, rows in splits.items():
-        log_duplicate_rows(rows, [image_column, caption_column], split, contrastive=True)
         is_train = split == "train"
         transform = build_image_transform(image_spec, augment=is_train and data_args.augment)
+        if rows.streaming:  # duplicates are not counted: that would read the whole stream
+            datasets_[split] = ImageTextStream(
+                rows, image_column, caption_column, transform, **stream_options(training_args, data_args, run_args, skip_log)
+            )
+            logger.info("%s: streamed from %s (%d shards)", split, rows.origin, rows.rows.num_shards)
+            continue
+        log_duplicate_rows(rows, [image_column, caption_column], split, contrastive=True)
         datasets_[split] = ImageTextDataset(
             rows, image_column, caption_column, transform, sample_caption=is_train, seed=training_args.seed, skip_log=skip_log,
             split_name=split, decode_check=not is_train, max_bad_fraction=run_args.max_bad_samples_fraction,

@@ -10,6 +10,9 @@ One process:
 Several GPUs (each question is scored exactly once):
     torchrun --nproc_per_node 8 run_vilt_vqa.py <the same flags>
 
+Data larger than memory or disk, streamed from webdataset shards (or a Hub dataset) for a fixed number of steps:
+    torchrun --nproc_per_node 8 run_vilt_vqa.py <the same flags> --train_file "shards/train-*.tar" --streaming --max_steps 20000
+
 The embedded demo, a tiny ViLT on synthetic shapes, offline on CPU:
     python -m utils.demo vqa --output_dir demo && python run_vilt_vqa.py configs/demo_vqa.yaml
 
@@ -54,8 +57,9 @@ from utils.data import (
     log_duplicate_rows,
     sample_seed,
 )
-from utils.images import ImageTransformSpec, load_image, normalize_pixels
+from utils.images import ImageLoadError, ImageTransformSpec, load_image, normalize_pixels
 from utils.report import write_vqa_gallery
+from utils.streams import BadSample, StreamLoaderMixin, TrainingStream, stream_options
 from utils.text import resolve_max_length
 from utils.training import (
     NonFiniteGuard,
@@ -287,6 +291,57 @@ class VQADataset(EpochAware, torch.utils.data.Dataset):
         self.skip_log.record(self.split_name, self.row(index), self.image_value(index), str(err))
 
 
+def check_streamed_row(row: dict, columns: dict[str, str | None]) -> list[str]:
+    """A streamed row's answers, or `BadSample` for what `read_vqa_rows` lists as a problem of a whole split: an
+    empty or non-text question, no or unreadable answers, an answer type that is not text."""
+    question = row[columns["question"]]
+    if not isinstance(question, str) or not question.strip():
+        raise BadSample(f"column {columns['question']!r}: question {question!r} is not a non-empty string")
+    try:
+        answers = parse_answers(row[columns["answers"]])
+    except ValueError as err:
+        raise BadSample(f"column {columns['answers']!r}: {err}") from None
+    if not answers:
+        raise BadSample(f"column {columns['answers']!r}: no answers; every question needs at least one")
+    answer_type = row.get(columns["answer_type"], "")
+    if not isinstance(answer_type, str):
+        raise BadSample(f"column {columns['answer_type']!r}: answer type {answer_type!r} is not a string")
+    return answers
+
+
+class VQAStream(TrainingStream):
+    """A streamed training split (--streaming) -> the samples VQADataset gives, row by row: a row that
+    `check_streamed_row` refuses, or whose image does not decode, is skipped and recorded; a question none of whose
+    answers is in the answer set is left out, as `build_vqa_datasets` leaves it out of a whole training split."""
+
+    def __init__(self, split: Split, columns: dict[str, str | None], transform: ViltImageTransform, label2id: dict[str, int], **kwargs):
+        self.columns, self.transform, self.label2id = columns, transform, label2id
+        super().__init__(split, columns["image"], **kwargs)
+
+    def make_sample(self, row: dict, rng: random.Random) -> dict | None:
+        label_ids, label_scores = soft_score_targets(check_streamed_row(row, self.columns), self.label2id)
+        if not label_ids:
+            return None
+        try:
+            image = load_image(row[self.image_column], self.base_dir)
+        except ImageLoadError as err:
+            raise BadSample(str(err)) from None
+        return {"pixel_values": self.transform(image), "question": row[self.columns["question"]], "example_index": -1,
+                "label_ids": label_ids, "label_scores": label_scores}
+
+
+def streamed_answers(split: Split, columns: dict[str, str | None]):
+    """Each streamed training question's answers, for the answer set: one pass over the text columns (shards are
+    read whole, images undecoded). Rows `check_streamed_row` refuses add nothing; training records them."""
+    logger.info("Building the answer set from one pass over the answers of %s", split.origin)
+    names = [columns[c] for c in ("question", "answers", "answer_type") if columns[c] in split.rows.column_names]
+    for row in split.rows.select_columns(names):
+        try:
+            yield check_streamed_row(row, columns)
+        except BadSample:
+            continue
+
+
 def find_unusable_rows(rows: VQARows, decode: bool, skip_log: SkippedSamples, split_name: str, workers: int = 16) -> set[int]:
     """Rows with a problem found by `read_vqa_rows`, or whose image fails `check_image` (a header check, or with
     `decode` a full decode), recorded in `skip_log`. Each image file is checked once: VQAv2 asks about five
@@ -391,10 +446,10 @@ def compute_vqa_metrics(predicted_ids: np.ndarray, example_index: np.ndarray, da
     return vqa_score_summary(predictions, answers, answer_types)
 
 
-class VQATrainer(Trainer):
+class VQATrainer(StreamLoaderMixin, Trainer):
     """The Trainer, evaluating by the official VQA accuracy: each process keeps its top-k answer ids and scores
     per question with the question's `example_index`; the loop gathers them (every question once), then the
-    metrics are computed against the raw answers."""
+    metrics are computed against the raw answers. (And a training stream's DataLoader, for --streaming.)"""
 
     def __init__(self, *args, top_k: int = 5, **kwargs):
         super().__init__(*args, **kwargs)
@@ -549,12 +604,18 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for split, data in splits.items():
         check_columns(data, image_column=columns["image"], question_column=columns["question"])
+        if data.streaming:  # the training split, checked row by row as it trains (duplicates are not counted)
+            check_columns(data, answers_column=columns["answers"])
+            continue
         log_duplicate_rows(data, [c for c in (columns["image"], columns["question"], columns["answers"]) if c in data.rows.column_names], split)
         rows[split] = read_vqa_rows(data, columns, answers_required=split != "test")
+    train_answers = None
+    if "train" in splits:
+        train_answers = streamed_answers(splits["train"], columns) if splits["train"].streaming else rows["train"].answers
 
     # 3. Model, processor and answer set; seeded first, as a new answer head is initialized at random.
     set_seed(training_args.seed)
-    model, processor = load_model_and_processor(model_args, rows["train"].answers if "train" in rows else None, data_args)
+    model, processor = load_model_and_processor(model_args, train_answers, data_args)
     trainable, total = count_parameters(model)
     logger.info("%s: %.1fM parameters, %.1fM trainable, %d answers", type(model).__name__, total / 1e6, trainable / 1e6, model.config.num_labels)
     check_disk_space(training_args.output_dir, model, training=training_args.do_train)
@@ -568,6 +629,10 @@ def main(argv: list[str] | None = None) -> dict:
     # Unusable images are left out and listed in skipped_samples.jsonl, within --max_bad_samples_fraction.
     skip_log = SkippedSamples.for_run(training_args, resuming=resume_from is not None)
     datasets_ = build_vqa_datasets(rows, transform, model.config.label2id, skip_log, run_args.max_bad_samples_fraction, training_args.seed)
+    if "train" in splits and splits["train"].streaming:
+        datasets_["train"] = VQAStream(
+            splits["train"], columns, transform, model.config.label2id, **stream_options(training_args, data_args, run_args, skip_log)
+        )
 
     # 5. Trainer.
     trainer = VQATrainer(
