@@ -5,12 +5,16 @@ read (`datasets` 4 dropped loading scripts, so `ydshieh/coco_dataset_script` no 
     python -m utils.convert karpathy --split_json dataset_coco.json --image_root /data/coco --output_dir data/karpathy_coco
     python -m utils.convert vqav2 --questions v2_OpenEnded_mscoco_val2014_questions.json \
         --annotations v2_mscoco_val2014_annotations.json --images val2014 --output data/vqav2_val.jsonl
+    python -m utils.convert shards --input data/karpathy_coco/train.jsonl --output_dir data/shards/train
 
 Rows written (image paths are relative to the folder of the jsonl file that names them, as `utils.data` reads them):
 
 * captions (run_clip.py, run_blip_caption.py): {"image", "captions": [...], "image_id"};
 * VQA (run_vilt_vqa.py): {"image", "question", "question_id", "image_id", "answers": [10 strings], "answer_type",
   "question_type", "multiple_choice_answer"}; without --annotations (test-dev, test) the rows have no answers.
+
+`shards` packs any of these jsonl files, images included, into webdataset .tar shards (`<key>.jpg` + `<key>.json`, the
+row without its image) that the scripts read with --train_file "data/shards/train/*.tar" --streaming.
 
 Every image a row names must exist: by default a missing one stops the conversion before anything is written,
 naming the first few; --skip_missing_images leaves those rows out instead. Captions are stripped of surrounding
@@ -20,10 +24,12 @@ whitespace (COCO's carry trailing spaces and newlines); empty ones are dropped.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
-from collections.abc import Iterable
+import tarfile
+from collections.abc import Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -353,6 +359,109 @@ def write_jsonl(rows: list[dict], path: str) -> None:
     os.replace(partial, path)
 
 
+# --- Webdataset shards ---------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each non-empty line, one at a time."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from None
+
+
+def image_extension_of(path: str) -> str:
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    return "jpg" if extension == "jpeg" else extension
+
+
+def write_shards(
+    jsonl_path: str,
+    output_dir: str,
+    prefix: str = "shard",
+    samples_per_shard: int = 1000,
+    image_column: str = "image",
+    image_extension: str | None = None,
+    skip_missing: bool = False,
+) -> dict[str, int]:
+    """The rows of a jsonl file -> webdataset shards `output_dir/<prefix>-000000.tar`, ... of `samples_per_shard`
+    samples each; returns {shard: samples}. A sample is `<key>.<extension>`, the image file's bytes as they are
+    (not re-encoded), and `<key>.json`, the row without its image column; the key is the row's position,
+    zero-padded (a key has no dot: webdataset splits a file name at its first one). Image paths are relative to
+    the jsonl's folder, as the scripts read them.
+
+    Rows are read one at a time, twice: first every image is checked to exist (a missing one stops the conversion
+    before anything is written, unless `skip_missing`) and to share one extension (all samples must: the loader
+    names columns by extension; `image_extension` names them all alike, as PIL reads the format from the bytes);
+    then the shards are written, each to a temporary file first."""
+    if samples_per_shard < 1:
+        raise ValueError(f"--samples_per_shard must be >= 1, got {samples_per_shard}")
+    base_dir = os.path.dirname(os.path.abspath(jsonl_path))
+
+    def image_path(number: int, row: dict) -> str:
+        value = row.get(image_column) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            raise ValueError(f"{jsonl_path}, line {number}: no image path under {image_column!r} (got {value!r}); pass --image_column")
+        return os.path.join(base_dir, value)
+
+    missing, extensions = [], set()
+    for number, row in read_jsonl(jsonl_path):
+        path = image_path(number, row)
+        if not os.path.isfile(path):
+            missing.append(path)
+        else:
+            extensions.add(image_extension_of(path))
+    if missing and not skip_missing:
+        raise FileNotFoundError(
+            f"{len(missing)} images that {jsonl_path} names do not exist: {_preview(missing)}. Pass --skip_missing_images "
+            "to leave those rows out."
+        )
+    if missing:
+        logger.warning("%d images that %s names do not exist; their rows are left out: %s", len(missing), jsonl_path, _preview(missing))
+    if image_extension is None and len(extensions) > 1:
+        raise ValueError(
+            f"{jsonl_path} names images of several types ({sorted(extensions)}); the samples of a webdataset share "
+            "one. Pass --image_extension (e.g. jpg) to store them all under it: the bytes keep their own format."
+        )
+    extension = image_extension or (extensions.pop() if extensions else "jpg")
+
+    os.makedirs(output_dir, exist_ok=True)
+    written: dict[str, int] = {}
+    tar = shard_path = None
+    for position, (number, row) in enumerate(read_jsonl(jsonl_path)):
+        path = image_path(number, row)
+        if not os.path.isfile(path):
+            continue
+        if tar is None or written[shard_path] == samples_per_shard:
+            if tar is not None:
+                _close_shard(tar, shard_path)
+            shard_path = os.path.join(output_dir, f"{prefix}-{len(written):06d}.tar")
+            tar, written[shard_path] = tarfile.open(shard_path + ".partial", "w"), 0
+        key = f"{position:09d}"
+        with open(path, "rb") as f:
+            _add_member(tar, f"{key}.{extension}", f.read())
+        fields = {name: value for name, value in row.items() if name != image_column}
+        _add_member(tar, f"{key}.json", json.dumps(fields, ensure_ascii=False).encode("utf-8"))
+        written[shard_path] += 1
+    if tar is not None:
+        _close_shard(tar, shard_path)
+    return written
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0  # reproducible shards
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _close_shard(tar: tarfile.TarFile, path: str) -> None:
+    tar.close()
+    os.replace(path + ".partial", path)
+
+
 # --- Command line ------------------------------------------------------------------------------------------
 
 
@@ -411,6 +520,14 @@ def run_vqav2(args: argparse.Namespace) -> dict[str, int]:
     return {args.output: len(rows)}
 
 
+def run_shards(args: argparse.Namespace) -> dict[str, int]:
+    prefix = args.prefix or os.path.splitext(os.path.basename(args.input))[0]
+    written = write_shards(args.input, args.output_dir, prefix, args.samples_per_shard, args.image_column, args.image_extension,
+                           args.skip_missing_images)
+    logger.info("%s: %d samples in %d shards (%s-*.tar)", args.output_dir, sum(written.values()), len(written), prefix)
+    return written
+
+
 def main(argv=None) -> dict[str, int]:
     """Parse, convert, write; returns {written file: number of rows}."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -440,7 +557,16 @@ def main(argv=None) -> dict[str, int]:
     )
     vqa.set_defaults(run=run_vqav2)
 
-    for command in (coco, karpathy, vqa):
+    shards = commands.add_parser("shards", help="a jsonl of rows naming images -> webdataset .tar shards, images inside (for --streaming)")
+    shards.add_argument("--input", required=True, help="a jsonl file as the other commands write (image paths relative to it)")
+    shards.add_argument("--output_dir", required=True, help="the folder for the shards")
+    shards.add_argument("--prefix", default=None, help="shard names: <prefix>-000000.tar, ... (default: the input's name)")
+    shards.add_argument("--samples_per_shard", type=int, default=1000, help="samples per shard (aim for a few hundred MB per shard)")
+    shards.add_argument("--image_column", default="image", help="the column holding each row's image path")
+    shards.add_argument("--image_extension", default=None, help="store every image as <key>.<this> (default: the files' own extension)")
+    shards.set_defaults(run=run_shards)
+
+    for command in (coco, karpathy, vqa, shards):
         command.add_argument("--skip_missing_images", action="store_true", help="leave out rows whose image is missing instead of stopping")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
