@@ -1,11 +1,14 @@
 """run_blip_caption.py: how captions are laid out for training (prompt and padding masked, the same start and end
 tokens as `generate`), that evaluation generates from the image and prompt only, metrics equal to pycocoevalcap,
-and end to end through main(argv) for tiny BLIP and BLIP-2 models: train, evaluate, predict, reload, caption."""
+and end to end through main(argv) for tiny BLIP and BLIP-2 models: train, evaluate, predict, reload, caption; and
+under two processes (torchrun), every image scored once."""
 
 import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -439,3 +442,29 @@ def test_overfit_raises_cider_and_the_saved_model_captions(assets, tmp_path):
     caption = caption_with_pipeline(out, os.path.join(data_dir, rows[0]["image"]))
     assert caption.strip() and caption == predictions[0]["references"][0], (caption, predictions[0])
 
+
+
+def test_two_processes_train_and_score_each_image_once(assets, tmp_path):
+    """torchrun with two CPU processes trains 2 steps, then evaluates and predicts 5 images in batches of 2 a process
+    (the sampler pads the last step with repeats): the metrics equal one process's on the model it saved, and
+    predictions.jsonl lists every image once, in data order, with the same captions."""
+    test_file = assets["data"]["test"]
+    two = tmp_path / "two"
+    args = common_args(assets, two, "--model_name_or_path", assets["blip"], "--validation_file", test_file,
+                       "--do_train", "--do_eval", "--do_predict", "--max_steps", "2", "--per_device_eval_batch_size", "2")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(repo, "run_blip_caption.py"), *args]
+    result = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    double = read_json(two / "all_results.json")
+    assert_finite_metrics(double, ["train_loss"] + [f"{s}_{k}" for s in ("eval", "predict") for k in CAPTION_METRICS])
+
+    single = rbc.main(common_args(assets, tmp_path / "one", "--model_name_or_path", str(two), "--validation_file", test_file,
+                                  "--do_eval", "--do_predict", "--per_device_eval_batch_size", "2"))
+    for key in [f"{s}_{k}" for s in ("eval", "predict") for k in CAPTION_METRICS]:
+        assert double[key] == pytest.approx(single[key], abs=1e-6), key
+    one_lines = check_predictions(tmp_path / "one", test_file, single)
+    two_lines = check_predictions(two, test_file, double)
+    assert [p["prediction"] for p in two_lines] == [p["prediction"] for p in one_lines]
