@@ -370,3 +370,45 @@ def test_vqav2_mixed_or_wrong_files(vqa, tmp_path):
 def test_relative_image_path():
     assert relative_image_path("/data/coco/val2014/a.jpg", "/work/main/data") == "../../../data/coco/val2014/a.jpg"
     assert relative_image_path("/data/coco/val2014/a.jpg", "/data/coco") == "val2014/a.jpg"
+
+
+# --- Webdataset shards -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_shards_hold_the_rows_and_their_image_bytes(tmp_path, streaming):
+    """7 rows in shards of 3: the shards load (whole or streamed) as the same rows, images byte for byte."""
+    rows = []
+    for index in range(7):
+        save_image(tmp_path / "data" / "images" / f"{index}.png", list(COLORS)[index % 3])
+        rows.append({"image": f"images/{index}.png", "captions": [f"caption {index}"], "image_id": index})
+    jsonl = tmp_path / "data" / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    written = main(["shards", "--input", str(jsonl), "--output_dir", str(tmp_path / "shards"), "--samples_per_shard", "3"])
+    assert sorted(os.path.basename(p) for p in written) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert list(written.values()) == [3, 3, 1]
+    loaded = list(load_splits(data_files={"train": str(tmp_path / "shards")}, streaming=streaming)["train"].rows)
+    assert [row["image_id"] for row in loaded] == list(range(7))
+    for row, original in zip(loaded, rows):
+        assert row["captions"] == original["captions"]
+        assert row["image"]["bytes"] == (tmp_path / "data" / original["image"]).read_bytes()
+
+
+def test_shards_refuse_mixed_image_types_and_missing_images(tmp_path):
+    save_image(tmp_path / "a.png", "red")
+    Image.new("RGB", (4, 4)).save(tmp_path / "b.jpg")
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(json.dumps({"image": "a.png", "text": "a"}) + "\n" + json.dumps({"image": "b.jpg", "text": "b"}) + "\n")
+    with pytest.raises(ValueError, match="--image_extension"):
+        main(["shards", "--input", str(jsonl), "--output_dir", str(tmp_path / "mixed")])
+    assert not (tmp_path / "mixed").exists()
+    written = main(["shards", "--input", str(jsonl), "--output_dir", str(tmp_path / "alike"), "--image_extension", "png"])
+    assert list(written.values()) == [2]
+    rows = list(load_splits(data_files={"train": str(tmp_path / "alike")})["train"].rows)
+    assert [load_image(row["image"]).size for row in rows] == [(12, 8), (4, 4)]  # PIL reads the format from the bytes
+
+    jsonl.write_text(json.dumps({"image": "a.png"}) + "\n" + json.dumps({"image": "gone.png"}) + "\n")
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        main(["shards", "--input", str(jsonl), "--output_dir", str(tmp_path / "missing")])
+    written = main(["shards", "--input", str(jsonl), "--output_dir", str(tmp_path / "missing"), "--skip_missing_images"])
+    assert list(written.values()) == [1]
