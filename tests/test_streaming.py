@@ -15,7 +15,6 @@ import tarfile
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms.v2 import functional as F
 
