@@ -1,6 +1,7 @@
 """Webdataset shards and --streaming: shards load as the scripts' columns, a training stream gives each process its
 own rows (no row twice in a step), skips and budgets bad rows, replays its draws, resumes to the same weights;
-all three scripts train and evaluate on shards, whole and streamed, and streamed under two processes (torchrun).
+all three scripts train and evaluate on shards, whole and streamed, and streamed under two processes (torchrun,
+accelerate launch).
 
 The shards are written here with tarfile: demo scenes, one sample per scene (`000007.png` + `000007.json` holding
 the captions, a question and ten answers), each caption tagged with its sample number so a batch says which
@@ -9,6 +10,7 @@ samples it holds."""
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -229,7 +231,7 @@ def test_streamed_run_resumes_to_the_same_weights(assets, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
-# --- Two processes (torchrun, gloo on CPU) ------------------------------------------------------------------------
+# --- Two processes (torchrun or accelerate launch, gloo on CPU) ------------------------------------------------------------------------
 
 # Runs a script under torchrun with its collator recording the captions of each training batch, per process.
 RECORDING_DRIVER = """
@@ -247,11 +249,21 @@ script.main()
 """
 
 
-def torchrun(script_path, args, timeout=300):
+def launch(script_path, args, launcher="torchrun", timeout=300):
+    """Two processes through torchrun, or through `accelerate launch` (whose multi-process launcher with the script's
+    --use_cpu runs gloo; its --cpu flag would start one process)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script_path, *args]
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    result = subprocess.run([*command, script_path, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "process 0 of 2 streams" in result.stdout + result.stderr  # two processes, each reading its part
 
 
 @pytest.mark.parametrize("script,module,collator", [("clip", "run_clip", "ClipCollator"), ("blip", "run_blip_caption", "CaptionCollator")])
@@ -260,7 +272,7 @@ def test_two_processes_stream_different_rows_at_every_step(assets, tmp_path, scr
     32 rows), and the evaluation after it runs."""
     driver = tmp_path / "driver.py"
     driver.write_text(RECORDING_DRIVER.format(repo=REPO, module=module, collator=collator, out=str(tmp_path)))
-    torchrun(str(driver), common_args(assets, tmp_path / "out", "--train_file", assets["train4"], *script_args(assets, script),
+    launch(str(driver), common_args(assets, tmp_path / "out", "--train_file", assets["train4"], *script_args(assets, script),
                                       "--streaming", "--max_steps", "3", "--shuffle_buffer_size", "4"))
     batches = [[json.loads(line) for line in open(tmp_path / f"batches_rank{rank}.jsonl")] for rank in range(2)]
     assert [len(b) for b in batches] == [3, 3]
@@ -269,9 +281,10 @@ def test_two_processes_stream_different_rows_at_every_step(assets, tmp_path, scr
     assert_finite_metrics(read_json(tmp_path / "out" / "all_results.json"), ["train_loss"] + EVAL_KEYS[script])
 
 
-def test_vqa_two_processes_streamed(assets, tmp_path):
-    """3 shards, so each process keeps every 2nd row; each builds the answer set from the whole stream, so the
-    answer heads agree (DDP would refuse parameters of different shapes)."""
-    torchrun(os.path.join(REPO, "run_vilt_vqa.py"),
-             common_args(assets, tmp_path, "--train_file", assets["train3"], *script_args(assets, "vilt"), "--streaming"))
+def test_vqa_two_processes_streamed_under_accelerate_launch(assets, tmp_path):
+    """accelerate launch, 3 shards, so each process keeps every 2nd row; each builds the answer set from the whole
+    stream, so the answer heads agree (DDP would refuse parameters of different shapes)."""
+    launch(os.path.join(REPO, "run_vilt_vqa.py"),
+           common_args(assets, tmp_path, "--train_file", assets["train3"], *script_args(assets, "vilt"), "--streaming"),
+           launcher="accelerate")
     assert_finite_metrics(read_json(tmp_path / "all_results.json"), ["train_loss"] + EVAL_KEYS["vilt"])
