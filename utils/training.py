@@ -298,7 +298,9 @@ def describe_data(data_args, datasets_: dict) -> str:
             origin = f"{data_args.dataset_name}{config}, split {split}"
         else:
             origin = getattr(data_args, f"{split}_file")
-        parts.append(f"{split}: {origin} ({len(dataset)} examples)")
+        # A stream (--streaming) has no length: it is read as it trains.
+        size = f"{len(dataset)} examples" if hasattr(dataset, "__len__") else "streamed"
+        parts.append(f"{split}: {origin} ({size})")
     return "; ".join(parts)
 
 
