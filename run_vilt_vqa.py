@@ -44,6 +44,7 @@ from transformers import (
 
 from utils.arguments import DataSourceArguments, ModelSourceArguments
 from utils.data import (
+    CHECK_CHUNK_ROWS,
     EpochAware,
     SetEpochCallback,
     SkippedSamples,
@@ -346,16 +347,20 @@ def find_unusable_rows(rows: VQARows, decode: bool, skip_log: SkippedSamples, sp
     """Rows with a problem found by `read_vqa_rows`, or whose image fails `check_image` (a header check, or with
     `decode` a full decode), recorded in `skip_log`. Each image file is checked once: VQAv2 asks about five
     questions per image."""
-    values = list(rows.split.rows[rows.image_column])
-    keys = [value if isinstance(value, str) else ("row", row) for row, value in enumerate(values)]
-    distinct = dict(zip(keys, values))
+    images = rows.split.rows.select_columns([rows.image_column])
+    keys, problems = [], {}
     with ThreadPoolExecutor(max_workers=workers) as pool:  # file checks wait on storage, decoding releases the GIL
-        problems = dict(zip(distinct, pool.map(lambda v: check_image(v, rows.split.base_dir, decode), distinct.values())))
+        # A chunk of rows at a time, so a column of embedded images is never held in memory whole.
+        for chunk in images.iter(batch_size=CHECK_CHUNK_ROWS):
+            chunk_keys = [value if isinstance(value, str) else ("row", len(keys) + i) for i, value in enumerate(chunk[rows.image_column])]
+            new = {key: value for key, value in zip(chunk_keys, chunk[rows.image_column]) if key not in problems}
+            problems.update(zip(new, pool.map(lambda v: check_image(v, rows.split.base_dir, decode), new.values())))
+            keys.extend(chunk_keys)
     bad = set()
     for row, key in enumerate(keys):
         problem = rows.problems.get(row) or problems[key]
         if problem is not None:
-            skip_log.record(split_name, row, values[row], problem)
+            skip_log.record(split_name, row, images[row][rows.image_column], problem)
             bad.add(row)
     if bad:
         logger.warning("%s: skipped %d of %d questions (see %s)", rows.split.origin, len(bad), len(keys), skip_log.path)

@@ -371,6 +371,10 @@ class SetEpochCallback(TrainerCallback):
         self.dataset.set_epoch(math.floor(state.epoch + 1e-6) if state.epoch else 0)
 
 
+# Rows whose images the up-front check reads at once.
+CHECK_CHUNK_ROWS = 256
+
+
 class SkippedSamples:
     """The record of samples left out of a run: counted in the log and listed, one JSON line per sample with
     its split, row (the row number, or for a stream the sample's key), image and reason, in
@@ -548,24 +552,27 @@ class ImageTextDataset(EpochAware, torch.utils.data.Dataset):
     def _usable_rows(self, split: Split, caption_column: str, decode: bool, workers: int) -> tuple[list[int], list[list[str]]]:
         from concurrent.futures import ThreadPoolExecutor
 
-        values = self.images[self.image_column]
+        image_problems = []
         with ThreadPoolExecutor(max_workers=workers) as pool:  # file checks wait on storage, not the CPU
-            image_problems = list(pool.map(lambda v: check_image(v, self.base_dir, decode), values))
+            # A chunk of rows at a time: a column of embedded images (parquet, shards read whole) is never held
+            # in memory whole, nor queued whole in the pool.
+            for chunk in self.images.iter(batch_size=CHECK_CHUNK_ROWS):
+                image_problems.extend(pool.map(lambda v: check_image(v, self.base_dir, decode), chunk[self.image_column]))
         rows, captions = [], []
         for row, (value, problem) in enumerate(zip(split.rows[caption_column], image_problems)):
             try:
                 parsed = parse_captions(value)
             except ValueError as err:
-                self.skip_log.record(self.split_name, row, values[row], f"column {caption_column!r}: {err}")
+                self.skip_log.record(self.split_name, row, self.images[row][self.image_column], f"column {caption_column!r}: {err}")
                 continue
             if problem is not None:
-                self.skip_log.record(self.split_name, row, values[row], problem)
+                self.skip_log.record(self.split_name, row, self.images[row][self.image_column], problem)
                 continue
             rows.append(row)
             captions.append(parsed)
-        skipped = len(values) - len(rows)
+        skipped = len(image_problems) - len(rows)
         if skipped:
-            logger.warning("%s: skipped %d of %d rows (see %s)", split.origin, skipped, len(values), self.skip_log.path)
+            logger.warning("%s: skipped %d of %d rows (see %s)", split.origin, skipped, len(image_problems), self.skip_log.path)
         return rows, captions
 
     def __len__(self) -> int:
