@@ -533,14 +533,15 @@ def main(argv: list[str] | None = None) -> dict:
     for split, rows in splits.items():
         if rows.streaming:  # duplicates are not counted: that would read the whole stream
             datasets_[split] = ImageTextStream(
-                rows, image_column, caption_column, build_image_transform(image_spec),
+                rows, image_column, caption_column, build_image_transform(image_spec, draft=data_args.jpeg_draft),
                 **stream_options(training_args, data_args, run_args, skip_log),
             )
             logger.info("%s: streamed from %s (%d shards)", split, rows.origin, rows.rows.num_shards)
             continue
         log_duplicate_rows(rows, [image_column, caption_column], split)
         images = ImageTextDataset(
-            rows, image_column, caption_column, build_image_transform(image_spec), sample_caption=False, seed=training_args.seed,
+            rows, image_column, caption_column, build_image_transform(image_spec, draft=split == "train" and data_args.jpeg_draft),
+            sample_caption=False, seed=training_args.seed,
             skip_log=skip_log, split_name=split, decode_check=split != "train", max_bad_fraction=run_args.max_bad_samples_fraction,
         )
         datasets_[split] = CaptionDataset(images, pairs=split == "train")

@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
     datasets_ = {}
     for split, rows in splits.items():
         is_train = split == "train"
-        transform = build_image_transform(image_spec, augment=is_train and data_args.augment)
+        transform = build_image_transform(image_spec, augment=is_train and data_args.augment, draft=is_train and data_args.jpeg_draft)
         if rows.streaming:  # duplicates are not counted: that would read the whole stream
             datasets_[split] = ImageTextStream(
                 rows, image_column, caption_column, transform, **stream_options(training_args, data_args, run_args, skip_log)

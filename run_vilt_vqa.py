@@ -230,13 +230,21 @@ def vilt_resize_size(height: int, width: int, shortest_edge: int, size_divisor: 
 
 class ViltImageTransform:
     """RGB `PIL.Image` -> uint8 (3, H, W), resized as ViltImageProcessor does; sizes differ between images
-    and the collator pads them. A class so data loader workers can pickle it."""
+    and the collator pads them. With `draft` (training), `min_decode_size` lets a JPEG decode at reduced scale
+    while both sides stay >= shortest_edge, which the resize never exceeds. A class so data loader workers can
+    pickle it."""
 
-    def __init__(self, spec: ImageTransformSpec, size_divisor: int | None):
+    def __init__(self, spec: ImageTransformSpec, size_divisor: int | None, draft: bool = False):
         if spec.resize_shortest_edge and size_divisor and spec.resize_shortest_edge < size_divisor:
             raise ValueError(f"the image processor's shortest_edge {spec.resize_shortest_edge} is below its size_divisor {size_divisor}")
         self.spec = spec
         self.size_divisor = size_divisor
+        self.draft = draft
+
+    @property
+    def min_decode_size(self) -> tuple[int, int] | None:
+        edge = self.spec.resize_shortest_edge
+        return (edge, edge) if self.draft and edge else None
 
     def __call__(self, image) -> torch.Tensor:
         pixels = F.pil_to_tensor(image)
@@ -286,7 +294,7 @@ class VQADataset(EpochAware, torch.utils.data.Dataset):
         return sample
 
     def load_image(self, index: int):
-        return load_image(self.image_value(index), self.rows.split.base_dir)
+        return load_image(self.image_value(index), self.rows.split.base_dir, self.transform.min_decode_size)
 
     def record_decode_error(self, index: int, err: Exception) -> None:
         self.skip_log.record(self.split_name, self.row(index), self.image_value(index), str(err))
@@ -324,7 +332,7 @@ class VQAStream(TrainingStream):
         if not label_ids:
             return None
         try:
-            image = load_image(row[self.image_column], self.base_dir)
+            image = load_image(row[self.image_column], self.base_dir, self.transform.min_decode_size)
         except ImageLoadError as err:
             raise BadSample(str(err)) from None
         return {"pixel_values": self.transform(image), "question": row[self.columns["question"]], "example_index": -1,
@@ -368,14 +376,15 @@ def find_unusable_rows(rows: VQARows, decode: bool, skip_log: SkippedSamples, sp
 
 
 def build_vqa_datasets(rows: dict[str, VQARows], transform: ViltImageTransform, label2id: dict[str, int],
-                       skip_log: SkippedSamples, max_bad_fraction: float, seed: int = 0) -> dict[str, VQADataset]:
+                       skip_log: SkippedSamples, max_bad_fraction: float, seed: int = 0, jpeg_draft: bool = False) -> dict[str, VQADataset]:
     """Split name -> VQADataset with soft-score targets over `label2id`.
 
     A training question none of whose answers is in the answer set would have an all-zero target, teaching only
     "none of these": training drops it (BUTD, ViLT). Validation and test keep every such question: it scores 0,
     as in the official evaluation. Questions whose image is unusable are left out of every split and listed in
     `skip_log` (evaluation images are decoded in full up front, so the metrics cover a known set of questions);
-    past `max_bad_fraction` of a split, the run stops."""
+    past `max_bad_fraction` of a split, the run stops. With `jpeg_draft`, training images may decode at reduced
+    scale (see ViltImageTransform); evaluation images decode in full."""
     datasets_ = {}
     for split, split_rows in rows.items():
         is_train = split == "train"
@@ -393,8 +402,9 @@ def build_vqa_datasets(rows: dict[str, VQARows], transform: ViltImageTransform, 
                 usable = answerable
             else:
                 logger.info("%s: %d questions, %d with no answer in the answer set (they score 0)", split, len(usable), len(usable) - len(answerable))
+        split_transform = ViltImageTransform(transform.spec, transform.size_divisor, draft=True) if is_train and jpeg_draft else transform
         datasets_[split] = VQADataset(
-            split_rows, transform, targets, keep=usable, skip_log=skip_log if is_train else None, split_name=split, seed=seed
+            split_rows, split_transform, targets, keep=usable, skip_log=skip_log if is_train else None, split_name=split, seed=seed
         )
     return datasets_
 
@@ -633,10 +643,12 @@ def main(argv: list[str] | None = None) -> dict:
     max_length = resolve_max_length(data_args.max_seq_length, processor.tokenizer, model.config)
     # Unusable images are left out and listed in skipped_samples.jsonl, within --max_bad_samples_fraction.
     skip_log = SkippedSamples.for_run(training_args, resuming=resume_from is not None)
-    datasets_ = build_vqa_datasets(rows, transform, model.config.label2id, skip_log, run_args.max_bad_samples_fraction, training_args.seed)
+    datasets_ = build_vqa_datasets(rows, transform, model.config.label2id, skip_log, run_args.max_bad_samples_fraction,
+                                   training_args.seed, jpeg_draft=data_args.jpeg_draft)
     if "train" in splits and splits["train"].streaming:
         datasets_["train"] = VQAStream(
-            splits["train"], columns, transform, model.config.label2id, **stream_options(training_args, data_args, run_args, skip_log)
+            splits["train"], columns, ViltImageTransform(image_spec, transform.size_divisor, draft=data_args.jpeg_draft),
+            model.config.label2id, **stream_options(training_args, data_args, run_args, skip_log)
         )
 
     # 5. Trainer.

@@ -50,6 +50,11 @@ class DataSourceArguments:
         metadata={"help": "With --streaming: rows held in the shuffle buffer of each process and data loader worker (shard order "
                           "is shuffled too)."},
     )
+    jpeg_draft: bool = field(
+        default=True,
+        metadata={"help": "Training only: decode JPEGs at 1/2, 1/4 or 1/8 scale when still at least the size the resize needs "
+                          "(faster, pixels within ~1/255 on average); evaluation always decodes in full."},
+    )
 
     def __post_init__(self):
         if not (self.dataset_name or self.train_file or self.validation_file or self.test_file):

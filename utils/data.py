@@ -584,7 +584,9 @@ class ImageTextDataset(EpochAware, torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = random.Random(sample_seed(self.seed, self.epoch, index))
         on_error = self.record_decode_error if self.skip_log is not None and self.sample_caption else None
-        index, image = load_or_replace(lambda i: load_image(self.image_value(i), self.base_dir), index, len(self), rng, on_error)
+        # A training transform may let a JPEG decode at reduced scale (None: in full).
+        min_size = getattr(self.transform, "min_decode_size", None)
+        index, image = load_or_replace(lambda i: load_image(self.image_value(i), self.base_dir, min_size), index, len(self), rng, on_error)
         pixels = self.transform(image, rng)
         captions = self.captions[index]
         if not self.sample_caption:

@@ -3,7 +3,11 @@
 Two halves, split so the expensive float work happens once per batch, not once per sample:
 
 * per sample (in the data loader workers): `load_image` decodes any file or `datasets` image value to an RGB
-  `PIL.Image`, and the transform from `build_image_transform` resizes and crops it to a uint8 tensor (3, H, W);
+  `PIL.Image`, and the transform from `build_image_transform` resizes and crops it to a uint8 tensor (3, H, W).
+  In training, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, `PIL.Image.draft`) when
+  the result is still at least as large as the resize needs (`ImageTransform.min_decode_size`): decoding and
+  resizing then start from a quarter of the pixels or fewer. Evaluation decodes in full, so its inputs equal
+  the image processor's;
 * per batch (in the collator): `normalize_pixels` turns the stacked uint8 batch into the float tensor the model
   takes, `(x / 255 - mean) / std`.
 
@@ -41,13 +45,19 @@ class ImageLoadError(ValueError):
     """An image value that cannot be turned into pixels; the message says which file and why."""
 
 
-def load_image(value, base_dir: str | None = None) -> Image.Image:
+def load_image(value, base_dir: str | None = None, min_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode an image column value to an RGB `PIL.Image`.
 
     Accepts a file path (a relative one is resolved against `base_dir`, the data file's folder), a `datasets`
     Image value (`{"bytes": ..., "path": ...}` or an already decoded `PIL.Image`), or raw bytes. EXIF
     orientation is applied, and every mode becomes 8-bit RGB (see `to_rgb`). Raises `ImageLoadError` naming the
     file for anything that does not decode, so callers can skip the sample and say why.
+
+    `min_size` (width, height), for JPEG data only: decode at the strongest of libjpeg's 1/2, 1/4 and 1/8
+    reductions that keeps the image at least this size in both dimensions (Pillow's `JpegImageFile.draft` takes the scale
+    `s` in 8, 4, 2, 1 with `s <= min(W // width, H // height)`), cut to floor(W / s) x floor(H / s) whole pixels.
+    The size is that of the stored image, before EXIF rotation: pass a square to be safe from it. Other
+    formats, and already decoded images, are decoded as they are.
     """
     source = _describe(value, base_dir)
     try:
@@ -63,7 +73,14 @@ def load_image(value, base_dir: str | None = None) -> Image.Image:
             image = Image.open(_resolve(os.fspath(value), base_dir))
         else:
             raise ImageLoadError(f"image value of type {type(value).__name__} is neither a path nor image data")
+        drafted = image.draft("RGB", min_size) if min_size is not None and image.format == "JPEG" else None
         image.load()  # decode now: a truncated file fails here, inside the try, not later in a transform
+        if drafted:
+            # A side that the scale does not divide ends in a partial pixel (ceil(W / s)): drop it, so the image
+            # keeps the original's aspect ratio (to one original pixel) and resizes to the same output size.
+            width, height = int(drafted[1][2]), int(drafted[1][3])
+            if (width, height) != image.size:
+                image = image.crop((0, 0, width, height))
         return to_rgb(ImageOps.exif_transpose(image))
     except ImageLoadError as err:
         raise ImageLoadError(f"{source}: {err}") from None
@@ -194,15 +211,37 @@ class ImageTransform:
     or, with `augment=True`, a random resized crop and a horizontal flip (training only; a flip swaps left and
     right, so leave it off when captions say "left" or "right").
 
+    With `draft=True`, `min_decode_size` tells `load_image` how far a JPEG may be scaled down while decoding.
+
     A class rather than a closure so that data loader workers can pickle it.
     """
 
-    def __init__(self, spec: ImageTransformSpec, augment: bool = False, crop_scale: tuple[float, float] = (0.9, 1.0)):
+    def __init__(self, spec: ImageTransformSpec, augment: bool = False, crop_scale: tuple[float, float] = (0.9, 1.0), draft: bool = False):
         self.spec = spec
         self.augment = augment
         self.crop_scale = crop_scale
+        self.draft = draft
         if augment and spec.output_size is None:
             raise ValueError("augmentation needs a fixed output size (a crop_size or a height/width size)")
+
+    @property
+    def min_decode_size(self) -> tuple[int, int] | None:
+        """(width, height) a JPEG may be decoded down to without the resize ever upsampling where the full-size
+        decode would not: the resize's output size, and with augmentation the output over the smallest crop scale
+        (a crop keeping a fraction `scale` of the area keeps at least `scale` of each side). Square, so an EXIF
+        rotation after decoding changes nothing. None (decode in full) without `draft`, or without a resize."""
+        spec = self.spec
+        if not self.draft:
+            return None
+        if self.augment:
+            side = math.ceil(max(spec.output_size) / self.crop_scale[0])
+        elif spec.resize_shortest_edge:
+            side = spec.resize_shortest_edge  # both sides >= it, so the resized image's are too
+        elif spec.resize_height and spec.resize_width:
+            side = max(spec.resize_height, spec.resize_width)
+        else:
+            return None
+        return (side, side)
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         """`rng` drives the augmentation; pass one seeded per sample (see `utils.data.sample_seed`) so the
@@ -262,9 +301,10 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def build_image_transform(spec: ImageTransformSpec, augment: bool = False) -> ImageTransform:
-    """The per-sample transform for one split: `augment=True` only for training."""
-    return ImageTransform(spec, augment=augment)
+def build_image_transform(spec: ImageTransformSpec, augment: bool = False, draft: bool = False) -> ImageTransform:
+    """The per-sample transform for one split: `augment=True` and `draft=True` (reduced-scale JPEG decoding)
+    only for training."""
+    return ImageTransform(spec, augment=augment, draft=draft)
 
 
 def normalize_pixels(pixels: torch.Tensor, spec: ImageTransformSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:

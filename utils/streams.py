@@ -187,7 +187,8 @@ class ImageTextStream(TrainingStream):
         except ValueError as err:
             raise BadSample(f"column {self.caption_column!r}: {err}") from None
         try:
-            image = load_image(row[self.image_column], self.base_dir)
+            # A training transform may let a JPEG decode at reduced scale (None: in full).
+            image = load_image(row[self.image_column], self.base_dir, getattr(self.transform, "min_decode_size", None))
         except ImageLoadError as err:
             raise BadSample(str(err)) from None
         pixels = self.transform(image, rng)  # draws first, then the caption, as ImageTextDataset does
