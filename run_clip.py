@@ -399,6 +399,21 @@ def load_model_and_processor(model_args: ModelArguments):
     return model, processor
 
 
+def checkpoint_towers(model, training_args) -> None:
+    """--activation_checkpointing (--gradient_checkpointing) for a VisionTextDualEncoderModel: the class does not
+    declare support, so the Trainer would refuse the whole model, but its towers (ViT, BERT, ...) do. Enable it on
+    each tower, with the same options, and leave the Trainer's switch off; a tower that cannot raises
+    transformers' error naming it."""
+    if not training_args.activation_checkpointing or model.supports_gradient_checkpointing:
+        return
+    kwargs = dict(training_args.activation_checkpointing_kwargs or {})
+    every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+    for tower in (model.vision_model, model.text_model):
+        tower.activation_checkpointing_enable(kwargs or None, every_n_layers=every_n_layers, offload=offload)
+    training_args.activation_checkpointing = training_args.gradient_checkpointing = False
+    logger.info("Activation checkpointing enabled on %s's vision and text towers", type(model).__name__)
+
+
 # --- main ---------------------------------------------------------------------------------------------------
 
 
@@ -421,6 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
         freeze(model.vision_model)
     if model_args.freeze_text_model:
         freeze(model.text_model)
+    checkpoint_towers(model, training_args)
     trainable, total = count_parameters(model)
     logger.info("%s: %.1fM parameters, %.1fM trainable", type(model).__name__, total / 1e6, trainable / 1e6)
     check_disk_space(training_args.output_dir, model, training=training_args.do_train)

@@ -79,3 +79,50 @@ def run_chromium(page: str, *flags: str) -> subprocess.CompletedProcess:
              *flags, "file://" + os.path.abspath(page)],
             check=True, capture_output=True, text=True, timeout=180,
         )
+
+
+def max_weight_difference(dir_a, dir_b) -> float:
+    """Largest absolute difference between the weights two runs saved (model.safetensors)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def count_activation_checkpoints(monkeypatch) -> list:
+    """Spy on transformers' activation checkpointing: the returned list grows by one per checkpointed layer call."""
+    import transformers.modeling_utils
+
+    calls, checkpoint = [], transformers.modeling_utils.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)
+    return calls
+
+
+DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def copy_with_dropout(model_dir, directory, p: float = 0.2) -> str:
+    """A copy of a saved model with every dropout probability of its config (and sub-configs) set to `p`: a test
+    comparing two runs then also checks that both drew the same dropout masks."""
+    shutil.copytree(model_dir, directory)
+    config_path = os.path.join(directory, "config.json")
+
+    def set_dropout(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in DROPOUT_KEYS and isinstance(value, (int, float)):
+                    node[key] = p
+                else:
+                    set_dropout(value)
+
+    config = read_json(config_path)
+    set_dropout(config)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+    return str(directory)

@@ -23,7 +23,14 @@ from transformers import (
 
 import run_blip_caption as rbc
 import utils.caption_metrics
-from tests.helpers import assert_finite_metrics, read_json, write_jsonl
+from tests.helpers import (
+    assert_finite_metrics,
+    copy_with_dropout,
+    count_activation_checkpoints,
+    max_weight_difference,
+    read_json,
+    write_jsonl,
+)
 from utils.demo import write_demo_dataset
 from utils.demo_caption import build_demo_opt_tokenizer, build_tiny_blip, build_tiny_blip2
 from utils.images import ImageTransformSpec, load_image
@@ -468,3 +475,21 @@ def test_two_processes_train_and_score_each_image_once(assets, tmp_path):
     one_lines = check_predictions(tmp_path / "one", test_file, single)
     two_lines = check_predictions(two, test_file, double)
     assert [p["prediction"] for p in two_lines] == [p["prediction"] for p in one_lines]
+
+
+@pytest.mark.parametrize("kind", ["blip", "blip2"])
+def test_activation_checkpointing_takes_the_same_step(assets, tmp_path, monkeypatch, kind):
+    """--activation_checkpointing (formerly --gradient_checkpointing) recomputes each layer in the backward pass:
+    one step lands on the same weights, with dropout on everywhere (the recompute replays the random state)."""
+    model = copy_with_dropout(assets[kind], tmp_path / "model")
+    checkpoints = count_activation_checkpoints(monkeypatch)
+    losses = {}
+    for name, flags in (("plain", []), ("checkpointed", ["--activation_checkpointing"])):
+        losses[name] = rbc.main([
+            "--model_name_or_path", model, "--train_file", assets["data"]["train"], "--output_dir", str(tmp_path / name),
+            "--do_train", "--max_steps", "1", "--per_device_train_batch_size", "8", "--learning_rate", "0.1", "--optim", "sgd",
+            "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0", "--save_strategy", "no", "--use_java", "false", *flags,
+        ])["train_loss"]
+        assert bool(checkpoints) == (name == "checkpointed")
+    assert losses["checkpointed"] == pytest.approx(losses["plain"], rel=1e-6)
+    assert max_weight_difference(tmp_path / "plain", tmp_path / "checkpointed") < 1e-6

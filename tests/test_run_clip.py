@@ -8,7 +8,15 @@ import pytest
 import torch
 
 import run_clip
-from tests.helpers import assert_finite_metrics, build_tiny_vit, minilm_path, read_json
+from tests.helpers import (
+    assert_finite_metrics,
+    build_tiny_vit,
+    copy_with_dropout,
+    count_activation_checkpoints,
+    max_weight_difference,
+    minilm_path,
+    read_json,
+)
 from utils.demo import build_demo_clip, write_demo_dataset
 
 RETRIEVAL_KEYS = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["i2t_mean_rank", "t2i_mean_rank", "loss"]
@@ -230,3 +238,33 @@ def test_run_leaves_curves_gallery_and_model_card(assets, tmp_path):
         assert "Showing 5 of" in page
     card = (tmp_path / "README.md").read_text()
     assert "run_clip.py" in card and "eval_i2t_r1" in card and "training_curves.png" in card
+
+
+def one_sgd_step(assets, output_dir, *model_flags):
+    torch.manual_seed(0)  # a dual encoder's new projections are drawn before the Trainer seeds
+    return run_clip.main([
+        *model_flags, "--train_file", assets["data"]["train"], "--output_dir", str(output_dir), "--do_train", "--max_steps", "1",
+        "--per_device_train_batch_size", "16", "--learning_rate", "0.1", "--optim", "sgd", "--save_strategy", "no",
+        "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0",
+    ])
+
+
+@pytest.mark.parametrize("source", ["clip", "clip_gradcache", "dual_encoder"])
+def test_activation_checkpointing_takes_the_same_step(assets, tmp_path, monkeypatch, source):
+    """--activation_checkpointing (formerly --gradient_checkpointing) keeps only each layer's input and recomputes
+    the layer in the backward pass: one step must land on the same weights with dropout on (the recompute replays
+    the random state), also inside GradCache's own replay (--contrastive_chunk_size), and for a dual encoder, whose
+    class does not declare checkpointing (run_clip enables it on the towers)."""
+    if source == "dual_encoder":
+        flags = ["--vision_model_name_or_path", assets["vit"], "--text_model_name_or_path", minilm_path()]  # BERT dropout 0.1
+    else:
+        flags = ["--model_name_or_path", copy_with_dropout(assets["clip"], tmp_path / "model")]  # attention dropout
+        if source == "clip_gradcache":
+            flags += ["--contrastive_chunk_size", "4"]
+    checkpoints = count_activation_checkpoints(monkeypatch)
+    plain = one_sgd_step(assets, tmp_path / "plain", *flags)
+    assert not checkpoints
+    checkpointed = one_sgd_step(assets, tmp_path / "checkpointed", *flags, "--activation_checkpointing")
+    assert len(checkpoints) >= 4  # every layer of both towers, (re)computed
+    assert checkpointed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-6)
+    assert max_weight_difference(tmp_path / "plain", tmp_path / "checkpointed") < 1e-6

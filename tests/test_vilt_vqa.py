@@ -29,7 +29,14 @@ from run_vilt_vqa import (
     resolve_columns,
     vilt_resize_size,
 )
-from tests.helpers import assert_finite_metrics, read_json, write_jsonl
+from tests.helpers import (
+    assert_finite_metrics,
+    copy_with_dropout,
+    count_activation_checkpoints,
+    max_weight_difference,
+    read_json,
+    write_jsonl,
+)
 from utils.data import SkippedSamples, load_splits
 from utils.demo import write_demo_dataset
 from utils.demo_vqa import build_demo_vilt, human_answers, write_vqa_rows
@@ -447,3 +454,18 @@ def test_demo_answers_vary_like_people():
     many = [a for _ in range(50) for a in human_answers("count", "2", rng)]
     assert {"2", "two", "Two."} <= set(many)
     assert sum(normalize_answer(a) == "2" for a in many) > 0.85 * len(many)
+
+
+def test_activation_checkpointing_takes_the_same_step(assets, tmp_path, monkeypatch):
+    """--activation_checkpointing (formerly --gradient_checkpointing) recomputes each layer in the backward pass:
+    one step lands on the same weights, with dropout on (the recompute replays the random state)."""
+    model = copy_with_dropout(assets["model"], tmp_path / "model")
+    checkpoints = count_activation_checkpoints(monkeypatch)
+    losses = {}
+    for name, flags in (("plain", []), ("checkpointed", ["--activation_checkpointing"])):
+        args = common_args(assets, tmp_path / name, "--do_train", "--max_steps", "1", "--learning_rate", "0.1", "--optim", "sgd", *flags)
+        args[args.index("--model_name_or_path") + 1] = model
+        losses[name] = run_vilt_vqa.main(args)["train_loss"]
+        assert bool(checkpoints) == (name == "checkpointed")
+    assert losses["checkpointed"] == pytest.approx(losses["plain"], rel=1e-6)
+    assert max_weight_difference(tmp_path / "plain", tmp_path / "checkpointed") < 1e-6
