@@ -43,6 +43,8 @@ from transformers import (
     AutoTokenizer,
     Blip2Processor,
     BlipProcessor,
+    DynamicCache,
+    EncoderDecoderCache,
     Trainer,
     TrainingArguments,
 )
@@ -294,18 +296,73 @@ def caption_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothi
     return losses.sum(1), targets.ne(-100).sum(1)
 
 
+class ImageSharedCache(EncoderDecoderCache):
+    """BLIP's decoder cache for beam search, holding the image's cross-attention keys and values once per image's
+    beams and never reordering them: reordering only permutes an image's own beams, which all attend to the same
+    image, so those rows are equal and the copy generate would make at every step (12 layers x 2 x beams x 577
+    tokens x 768 per image, for BLIP base) changes nothing."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
+def image_cross_attention_cache(text_decoder, image_embeds: torch.Tensor, num_beams: int) -> ImageSharedCache:
+    """A decoder cache already holding every layer's cross-attention keys and values of `image_embeds` (B, N, D):
+    projected once per image, then repeated for its beams ((B * beams, heads, N, head_dim), generate's layout), so
+    no layer projects the image again at the first step, once per beam. Mirrors BlipTextSelfAttention's own
+    projection (tests/test_blip_caption.py checks the captions against BLIP's own generate)."""
+    keys_values = []
+    for layer in text_decoder.bert.encoder.layer:
+        attention = layer.crossattention.self
+        shape = (*image_embeds.shape[:-1], -1, attention.attention_head_size)
+        keys = attention.key(image_embeds).view(shape).transpose(1, 2).repeat_interleave(num_beams, dim=0)
+        values = attention.value(image_embeds).view(shape).transpose(1, 2).repeat_interleave(num_beams, dim=0)
+        keys_values.append((keys, values))
+    return ImageSharedCache(DynamicCache(), DynamicCache(keys_values))
+
+
+def encode_images(model, pixel_values: torch.Tensor) -> torch.Tensor | None:
+    """BLIP: the vision tower's output (B, N, D), computed once per image for the loss and for every beam of
+    generation (the model's own forward and generate would each encode the image). BLIP-2: None (its own
+    forward and generate are used)."""
+    return model.vision_model(pixel_values=pixel_values).last_hidden_state if model.config.model_type == "blip" else None
+
+
 @torch.no_grad()
-def generate_captions(model, pixel_values: torch.Tensor, caption_format: CaptionFormat, **generation_kwargs) -> torch.Tensor:
-    """(B, T) caption tokens generated from the images and the prompt only, the prompt left out."""
-    input_ids = caption_format.generate_input_ids(len(pixel_values), pixel_values.device)
-    sequences = model.generate(
-        pixel_values=pixel_values,
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        **dict(caption_format.generate_kwargs),
-        **generation_kwargs,
-    )
-    return sequences[:, len(caption_format.prefix) :]  # both models return the prompt they were given, then the caption
+def generate_captions(model, pixel_values: torch.Tensor, caption_format: CaptionFormat, image_embeds: torch.Tensor | None = None,
+                      **generation_kwargs) -> torch.Tensor:
+    """(B, T) caption tokens generated from the images and the prompt only, the prompt left out.
+
+    BLIP runs its text decoder's generate itself, as `BlipForConditionalGeneration.generate` does (start token,
+    prompt, stop at [SEP]), but from `image_embeds` when given and with the image's cross-attention keys and values
+    computed once per image (`image_cross_attention_cache`), not once per beam and copied at every step."""
+    if model.config.model_type == "blip":
+        batch_size = len(pixel_values)
+        if image_embeds is None:
+            image_embeds = encode_images(model, pixel_values)
+        decoder = model.text_decoder
+        input_ids = torch.tensor([caption_format.prefix], device=pixel_values.device).repeat(batch_size, 1)
+        num_beams = generation_kwargs.get("num_beams") or decoder.generation_config.num_beams or 1
+        sequences = decoder.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
+            past_key_values=image_cross_attention_cache(decoder, image_embeds, num_beams),
+            eos_token_id=caption_format.end_id,
+            pad_token_id=caption_format.pad_id,
+            **generation_kwargs,
+        )
+    else:
+        input_ids = caption_format.generate_input_ids(len(pixel_values), pixel_values.device)
+        sequences = model.generate(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            **dict(caption_format.generate_kwargs),
+            **generation_kwargs,
+        )
+    return sequences[:, len(caption_format.prefix) :]  # both return the prompt they were given, then the caption
 
 
 def decode_caption(tokenizer, tokens: list[int], end_id: int) -> str:
@@ -367,8 +424,14 @@ class CaptionTrainer(StreamLoaderMixin, Trainer):
             batch = self._prepare_inputs(batch)
             index, labels = batch.pop("index"), batch.pop("labels")
             with torch.no_grad(), self.autocast_smart_context_manager():
-                loss_sum, count = caption_token_loss(model(**batch).logits, labels)
-                tokens = generate_captions(model, batch["pixel_values"], fmt, **self.generation_kwargs)
+                image_embeds = encode_images(model, batch["pixel_values"])  # BLIP: once, for the loss and every beam
+                if image_embeds is not None:
+                    text = {k: v for k, v in batch.items() if k != "pixel_values"}
+                    logits = model.text_decoder(**text, encoder_hidden_states=image_embeds).logits
+                else:
+                    logits = model(**batch).logits
+                loss_sum, count = caption_token_loss(logits, labels)
+                tokens = generate_captions(model, batch["pixel_values"], fmt, image_embeds=image_embeds, **self.generation_kwargs)
             tokens = self.accelerator.pad_across_processes(tokens, dim=1, pad_index=fmt.pad_id)
             tokens, index, loss_sum, count = self.accelerator.gather_for_metrics((tokens, index, loss_sum, count))
             rows += index.tolist()

@@ -274,20 +274,23 @@ def test_blip2_from_scratch_takes_special_tokens_from_the_tokenizer(assets, tmp_
 
 def test_evaluation_generates_from_the_prompt_only(assets, tmp_path, monkeypatch):
     """The leak test: every generate call gets the start tokens and the prompt, nothing of the reference caption
-    (Seq2SeqTrainer(predict_with_generate=True) would pass the batch's input_ids, the reference)."""
+    (Seq2SeqTrainer(predict_with_generate=True) would pass the batch's input_ids, the reference). The evaluation
+    calls BLIP's text decoder's generate, as BLIP's own generate does (see generate_captions)."""
+    from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
+
     calls = []
-    original = BlipForConditionalGeneration.generate
+    original = BlipTextLMHeadModel.generate
 
     def spy(self, *args, **kwargs):
         calls.append(kwargs["input_ids"].clone())
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(BlipForConditionalGeneration, "generate", spy)
+    monkeypatch.setattr(BlipTextLMHeadModel, "generate", spy)
     metrics = rbc.main(common_args(assets, tmp_path, "--model_name_or_path", assets["blip"], "--do_eval", "--prompt", "a picture of"))
     assert_finite_metrics(metrics, [f"eval_{k}" for k in CAPTION_METRICS])
     tokenizer = AutoProcessor.from_pretrained(assets["blip"]).tokenizer
     text = AutoModelForImageTextToText.from_pretrained(assets["blip"]).config.text_config
-    prompt_only = [text.bos_token_id, *tokenizer("a picture of", add_special_tokens=False)["input_ids"], text.sep_token_id]
+    prompt_only = [text.bos_token_id, *tokenizer("a picture of", add_special_tokens=False)["input_ids"]]
     assert sum(len(c) for c in calls) == 6  # each validation image once
     for input_ids in calls:
         assert input_ids.tolist() == [prompt_only] * len(input_ids)
@@ -493,3 +496,36 @@ def test_activation_checkpointing_takes_the_same_step(assets, tmp_path, monkeypa
         assert bool(checkpoints) == (name == "checkpointed")
     assert losses["checkpointed"] == pytest.approx(losses["plain"], rel=1e-6)
     assert max_weight_difference(tmp_path / "plain", tmp_path / "checkpointed") < 1e-6
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_fast_blip_evaluation_equals_blips_own_forward_and_generate(assets, num_beams):
+    """The evaluation encodes each image once (for the loss and all beams) and projects its cross-attention keys and
+    values once per image, never reordering them: every step's logits, the captions and the loss must equal those
+    of BLIP's own forward and generate."""
+    model, processor = load(assets, "blip")
+    collator = make_collator(model, processor, prompt="a picture of")
+    fmt = collator.caption_format
+    batch = collator([{"pixel_values": p, "caption": "a red circle"} for p in random_images(3, seed=4)])
+    head = model.text_decoder.get_output_embeddings()
+    logits = {"own": [], "fast": []}
+    settings = {"num_beams": num_beams, "max_new_tokens": 6, "min_new_tokens": 6}
+    with torch.no_grad():
+        handle = head.register_forward_hook(lambda module, args, output: logits["own"].append(output.clone()))
+        input_ids = fmt.generate_input_ids(3, "cpu")
+        own = model.generate(pixel_values=batch["pixel_values"], input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             **settings)[:, len(fmt.prefix):]
+        handle.remove()
+        handle = head.register_forward_hook(lambda module, args, output: logits["fast"].append(output.clone()))
+        image_embeds = rbc.encode_images(model, batch["pixel_values"])
+        fast = rbc.generate_captions(model, batch["pixel_values"], fmt, image_embeds=image_embeds, **settings)
+        handle.remove()
+        text = {k: v for k, v in batch.items() if k not in ("pixel_values", "labels")}
+        own_loss = model(pixel_values=batch["pixel_values"], **text).logits
+        fast_loss = model.text_decoder(**text, encoder_hidden_states=image_embeds).logits
+    assert fast.tolist() == own.tolist()
+    assert len(logits["fast"]) == len(logits["own"]) == 6
+    for a, b in zip(logits["own"], logits["fast"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits["own"][-1][0], logits["own"][-1][-1])  # the images do tell the rows apart
+    torch.testing.assert_close(fast_loss, own_loss, rtol=1e-5, atol=1e-5)
