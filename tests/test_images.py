@@ -1,7 +1,6 @@
 """Image loading for every mode, and transforms equal to the model's own image processor."""
 
 import io
-import math
 import random
 
 import numpy as np
