@@ -268,3 +268,19 @@ def test_activation_checkpointing_takes_the_same_step(assets, tmp_path, monkeypa
     assert len(checkpoints) >= 4  # every layer of both towers, (re)computed
     assert checkpointed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-6)
     assert max_weight_difference(tmp_path / "plain", tmp_path / "checkpointed") < 1e-6
+
+
+def test_torch_compile_trains_as_eager(assets, tmp_path):
+    """--torch_compile: three steps, whose captions differ in length (the first change recompiles with the text
+    length dynamic), log eager's losses and end on eager's weights. The backend here is aot_eager: dynamo's graph
+    capture and AOT autograd, where graph breaks, data-dependent ops and recompiles show. The default backend,
+    inductor, adds C++ code generation that takes minutes cold on two cores: run_clip with --torch_compile is
+    checked by hand and timed in BENCHMARKS.md ("Fast paths")."""
+    flags = ["--model_name_or_path", assets["clip"], "--max_steps", "3", "--logging_steps", "1"]
+    short_run(assets, tmp_path / "eager", *flags)
+    short_run(assets, tmp_path / "compiled", *flags, "--torch_compile_backend", "aot_eager")
+    losses = {name: [h["loss"] for h in read_json(tmp_path / name / "trainer_state.json")["log_history"] if "loss" in h]
+              for name in ("eager", "compiled")}
+    assert len(losses["eager"]) == 3
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+    assert max_weight_difference(tmp_path / "eager", tmp_path / "compiled") < 1e-5
