@@ -43,18 +43,21 @@ from transformers import (  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     command_line,
     describe_machine,
+    current_rss_mib,
     load_average,
     markdown_table,
     median,
     now,
+    peak_rss_mib,
     replace_markdown_block,
     run_forked,
     update_results,
     write_image_text_data,
 )
-from run_blip_caption import build_caption_format, generate_captions  # noqa: E402
+from run_blip_caption import CaptionCollator, build_caption_format, caption_token_loss, encode_images, generate_captions  # noqa: E402
 from run_vilt_vqa import ViltImageTransform, VQACollator  # noqa: E402
 from utils.images import ImageTransformSpec, build_image_transform, load_image, normalize_pixels  # noqa: E402
+from utils.vqa import soft_score_targets  # noqa: E402
 
 logger = logging.getLogger("bench_caption_vqa")
 
@@ -159,6 +162,149 @@ def measure_vqa(precision: str, paths: list[str], questions: list[str], batch_si
     }
 
 
+def build_blip(prompt: str):
+    tokenizer = bert_tokenizer(extra_bos=True)
+    model = BlipForConditionalGeneration(BlipConfig())
+    spec = ImageTransformSpec.from_image_processor(BlipImageProcessor())
+    return model, tokenizer, spec, build_caption_format(model, tokenizer, prompt)
+
+
+def measure_caption_eval(precision: str, paths: list[str], batch_size: int, rounds: int, num_beams: int, max_new_tokens: int,
+                         prompt: str) -> dict:
+    """run_blip_caption's evaluation of a batch (the teacher-forced loss on a reference, and a generated caption
+    per image) two ways, alternating in one process on the same batch: "own", BLIP's own forward and generate (what
+    the script did before: each encodes the images; generate projects the image's cross-attention keys and values
+    once per beam and copies them at every beam reorder), and "fast", the script's now (the images encoded once for
+    both; the keys and values projected once per image, never reordered). The captions must be equal."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model, tokenizer, spec, fmt = build_blip(prompt)
+    model.eval()
+    transform = build_image_transform(spec)
+    collator = CaptionCollator(tokenizer, fmt, 40, spec)
+    examples = [{"pixel_values": transform(load_image(p)), "caption": "a dog sitting on a wooden bench near the river"} for p in paths]
+    batch = collator(examples[:batch_size])
+    labels = batch.pop("labels")
+    text = {k: v for k, v in batch.items() if k != "pixel_values"}
+    settings = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens}
+
+    def own(part, tokens):
+        pixel_values = batch["pixel_values"][:part]
+        t0 = time.perf_counter()
+        logits = model(pixel_values=pixel_values, **{k: v[:part] for k, v in text.items()}).logits
+        caption_token_loss(logits, labels[:part])
+        t1 = time.perf_counter()
+        input_ids = fmt.generate_input_ids(part, "cpu")
+        generated = model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   **{**settings, "max_new_tokens": tokens, "min_new_tokens": tokens})
+        return t1 - t0, time.perf_counter() - t1, generated[:, len(fmt.prefix):]
+
+    def fast(part, tokens):
+        pixel_values = batch["pixel_values"][:part]
+        t0 = time.perf_counter()
+        image_embeds = encode_images(model, pixel_values)
+        logits = model.text_decoder(**{k: v[:part] for k, v in text.items()}, encoder_hidden_states=image_embeds).logits
+        caption_token_loss(logits, labels[:part])
+        t1 = time.perf_counter()
+        generated = generate_captions(model, pixel_values, fmt, image_embeds=image_embeds,
+                                      **{**settings, "max_new_tokens": tokens, "min_new_tokens": tokens})
+        return t1 - t0, time.perf_counter() - t1, generated
+
+    variants = {"own": own, "fast": fast}
+    with torch.no_grad(), _autocast(precision):
+        for fn in variants.values():  # warm-up: one image, two tokens
+            fn(1, 2)
+        load_start = load_average()
+        timings, outputs = {name: [] for name in variants}, {}
+        for index in range(rounds):
+            for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
+                loss_s, generate_s, tokens = variants[name](batch_size, max_new_tokens)
+                timings[name].append((loss_s, generate_s))
+                outputs[name] = tokens
+    total = {name: [a + b for a, b in t] for name, t in timings.items()}
+    return {
+        "images_per_s": {name: batch_size / median(v) for name, v in total.items()},
+        "images_per_s_all": {name: [round(batch_size / x, 4) for x in v] for name, v in total.items()},
+        "loss_s": {name: median(a for a, _ in t) for name, t in timings.items()},
+        "generate_s": {name: median(b for _, b in t) for name, t in timings.items()},
+        "speedup": {"median": median(o / f for o, f in zip(total["own"], total["fast"])),
+                    "per_round": [round(o / f, 3) for o, f in zip(total["own"], total["fast"])]},
+        "same_captions": outputs["own"].tolist() == outputs["fast"].tolist(),
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+def measure_checkpointing(model_name: str, precision: str, paths: list[str], questions: list[str], batch_size: int, rounds: int) -> dict:
+    """Activation checkpointing on a training step (forward + backward) of BLIP base (run_blip_caption's collator and
+    loss) or ViLT B/32 (run_vilt_vqa's collator, the model's loss): the process's peak RSS after a step with, then
+    after one without (ru_maxrss only grows, and checkpointing needs less); then steps alternating for the time."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if model_name == "blip":
+        model, tokenizer, spec, fmt = build_blip("a picture of")
+        transform = build_image_transform(spec)
+        collator = CaptionCollator(tokenizer, fmt, 40, spec)
+        batch = collator([{"pixel_values": transform(load_image(p)), "caption": q} for p, q in zip(paths[:batch_size], questions)])
+        labels = batch.pop("labels")
+
+        def loss_of():
+            loss_sum, count = caption_token_loss(model(**batch).logits, labels)
+            return loss_sum.sum() / count.sum()
+    else:
+        tokenizer = bert_tokenizer(extra_bos=False)
+        config = ViltConfig(num_labels=VQA_ANSWERS, id2label={i: f"answer {i}" for i in range(VQA_ANSWERS)},
+                            label2id={f"answer {i}": i for i in range(VQA_ANSWERS)})
+        model = ViltForQuestionAnswering(config)
+        processor = ViltImageProcessor()
+        spec = ImageTransformSpec.from_image_processor(processor)
+        transform = ViltImageTransform(spec, processor.size_divisor)
+        collator = VQACollator(tokenizer, config.max_position_embeddings, spec, VQA_ANSWERS)
+        targets = soft_score_targets(["answer 1"] * 10, config.label2id)
+        batch = collator([{"pixel_values": transform(load_image(p)), "question": q, "example_index": i, "label_ids": targets[0],
+                           "label_scores": targets[1]} for i, (p, q) in enumerate(zip(paths[:batch_size], questions))])
+        batch.pop("example_index")
+
+        def loss_of():
+            return model(**batch).loss
+    model.train()
+    rss_model = current_rss_mib()
+    load_start = load_average()
+    peak, seconds = {}, {"off": [], "on": []}
+    for index in range(rounds + 1):  # round 0 measures the peaks (and warms up)
+        for name in (("on", "off") if index % 2 == 0 else ("off", "on")):
+            (model.activation_checkpointing_enable if name == "on" else model.activation_checkpointing_disable)()
+            start = time.perf_counter()
+            with _autocast(precision):
+                loss = loss_of()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if index:
+                seconds[name].append(time.perf_counter() - start)
+            else:
+                peak[name] = peak_rss_mib()
+    return {
+        "rss_after_model_mib": round(rss_model, 1),
+        "peak_above_model_mib": {name: round(v - rss_model, 1) for name, v in peak.items()},
+        "step_s": {name: median(v) for name, v in seconds.items()},
+        "step_s_all": {name: [round(x, 2) for x in v] for name, v in seconds.items()},
+        "slowdown": {"median": median(a / b for a, b in zip(seconds["on"], seconds["off"])),
+                     "per_round": [round(a / b, 3) for a, b in zip(seconds["on"], seconds["off"])]},
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+def _stored(mode: str, task: str) -> dict:
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("bench_caption_vqa", {}).get(mode, {}).get(task, {})
+
+
 def summarize(runs: list[dict], key: str) -> dict:
     summary = {}
     for precision in ("fp32", "bf16"):
@@ -212,13 +358,44 @@ def render_markdown(results: dict) -> str:
                 out.append(f"- {task}: {what}; {s['measured_batches']} measured batch(es) per run, {s['rounds']} rounds; "
                            f"{entry['when']}; `{entry['command']}`")
         out.append("")
+        evaluation = section.get("caption_eval")
+        if evaluation:
+            rows = [[precision, r["settings"]["batch_size"], f"{r['images_per_s']['own']:.3g}", f"{r['images_per_s']['fast']:.3g}",
+                     f"{r['speedup']['median']:.2f}x", " ".join(f"{x:.2f}" for x in r["speedup"]["per_round"]),
+                     f"{r['loss_s']['own']:.1f} / {r['loss_s']['fast']:.1f}", f"{r['generate_s']['own']:.1f} / {r['generate_s']['fast']:.1f}",
+                     r["same_captions"], r["load_avg_start"][0]] for precision, r in evaluation.items()]
+            r = next(iter(evaluation.values()))
+            out.append(f"**BLIP evaluation batch** (teacher-forced loss + {r['settings']['num_beams']}-beam captions of "
+                       f"{r['settings']['max_new_tokens']} tokens; own: BLIP's forward and generate, as the script did before; fast: the "
+                       f"images encoded once, cross-attention keys and values once per image; alternating in one process, "
+                       f"{r['settings']['rounds']} rounds; `{r['command']}`, {r['when']})\n")
+            out.append(markdown_table(["precision", "batch", "images/s own", "images/s fast", "fast / own", "per round",
+                                       "loss part s (own / fast)", "generate part s (own / fast)", "same captions", "load avg"], rows) + "\n")
+        checkpointing = section.get("checkpointing")
+        if checkpointing:
+            rows = []
+            for precision, entry in checkpointing.items():
+                for name in ("blip", "vilt"):
+                    r = entry[name]
+                    rows.append([name, precision, entry["settings"]["batch_size"], r["rss_after_model_mib"], r["peak_above_model_mib"]["off"],
+                                 r["peak_above_model_mib"]["on"], f"{r['step_s']['off']:.1f}", f"{r['step_s']['on']:.1f}",
+                                 f"{r['slowdown']['median']:.2f}x", r["load_avg_start"][0]])
+            r = next(iter(checkpointing.values()))
+            out.append(f"**Activation checkpointing**, training step (forward + backward) of BLIP base (384 px) and ViLT B/32: peak RSS "
+                       f"above the process after the model was built, a step with and one without; then steps alternating "
+                       f"({r['settings']['rounds']} rounds); `{r['command']}`, {r['when']}\n")
+            out.append(markdown_table(["model", "precision", "batch", "RSS with model MiB", "peak above it, off MiB", "peak above it, on MiB",
+                                       "s/step off", "s/step on", "on / off time", "load avg"], rows) + "\n")
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 2 (caption) / 4 (vqa), one measured batch")
-    parser.add_argument("--tasks", default="caption,vqa", help="caption and/or vqa")
+    parser.add_argument("--tasks", default="caption,vqa",
+                        help="caption, vqa (inference speed per precision, each run in its own process), caption_eval (the "
+                             "evaluation's loss + captions, BLIP's own forward and generate vs the script's, alternating), "
+                             "checkpointing (BLIP and ViLT training step with and without activation checkpointing)")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--num_beams", type=int, default=3)
@@ -229,12 +406,15 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     tasks = [t for t in args.tasks.split(",") if t]
     precisions = [p for p in args.precisions.split(",") if p]
-    if set(tasks) - {"caption", "vqa"} or set(precisions) - {"fp32", "bf16"}:
-        raise ValueError(f"--tasks {args.tasks!r} / --precisions {args.precisions!r}: expected caption,vqa / fp32,bf16")
+    if set(tasks) - {"caption", "vqa", "caption_eval", "checkpointing"} or set(precisions) - {"fp32", "bf16"}:
+        raise ValueError(f"--tasks {args.tasks!r} / --precisions {args.precisions!r}: expected caption,vqa,caption_eval,checkpointing "
+                         "/ fp32,bf16")
     mode = "quick" if args.quick else "full"
     batches = {
         "caption": {"batch_size": 2 if args.quick else 4, "measured_batches": 1},
         "vqa": {"batch_size": 4 if args.quick else 8, "measured_batches": 1 if args.quick else 2},
+        "caption_eval": {"batch_size": 2 if args.quick else 4, "measured_batches": 1},
+        "checkpointing": {"batch_size": 2 if args.quick else 8, "measured_batches": 1},
     }
     machine = describe_machine()
     logger.info("%s mode %s; machine %s; load %s", mode, {t: batches[t] for t in tasks}, machine["cpu_model"], load_average())
@@ -246,6 +426,25 @@ def main(argv: list[str] | None = None) -> dict:
     questions = [str(rng.choice(_QUESTIONS)).format(rng.choice(_OBJECTS)) for _ in range(images_needed)]
 
     stamp = {"command": command_line(), "when": now(), "mode": mode}
+    out = {}
+    # Alternating within one process, once per precision (merged into what earlier runs stored for other precisions).
+    for task in [t for t in tasks if t in ("caption_eval", "checkpointing")]:
+        stored = dict(_stored(mode, task))
+        for precision in precisions:
+            if task == "caption_eval":
+                result = run_forked(measure_caption_eval, timeout=3000, precision=precision, paths=paths, rounds=args.rounds,
+                                    batch_size=batches[task]["batch_size"], num_beams=args.num_beams,
+                                    max_new_tokens=args.max_new_tokens, prompt=args.prompt)
+                logger.info("caption_eval %s: %s images/s, same captions %s", precision, result["images_per_s"], result["same_captions"])
+            else:
+                result = {name: run_forked(measure_checkpointing, timeout=3000, model_name=name, precision=precision, paths=paths,
+                                           questions=questions, batch_size=batches[task]["batch_size"], rounds=args.rounds)
+                          for name in ("blip", "vilt")}
+                logger.info("checkpointing %s: %s", precision, {n: (r["peak_above_model_mib"], r["step_s"]) for n, r in result.items()})
+            stored[precision] = {**result, "settings": {**batches[task], "rounds": args.rounds, "num_beams": args.num_beams,
+                                                        "max_new_tokens": args.max_new_tokens}, **stamp}
+        out[task] = stored
+    tasks = [t for t in tasks if t in ("caption", "vqa")]
     runs = {task: [] for task in tasks}
     for round_index in range(args.rounds):
         order = precisions if round_index % 2 == 0 else precisions[::-1]
@@ -260,7 +459,6 @@ def main(argv: list[str] | None = None) -> dict:
                     result = run_forked(measure_vqa, precision=precision, paths=paths, questions=questions, **batches[task])
                     logger.info("  %.3f questions/s", result["questions_per_s"])
                 runs[task].append({"precision": precision, "round": round_index, **result})
-    out = {}
     for task, task_runs in runs.items():
         settings = {**batches[task], "rounds": args.rounds}
         if task == "caption":

@@ -36,7 +36,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from PIL import Image  # noqa: E402
 from torchvision.io import ImageReadMode, read_image  # noqa: E402
 from torchvision.transforms import CenterCrop, ConvertImageDtype, InterpolationMode, Normalize, Resize  # noqa: E402
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, TrainerCallback, TrainingArguments  # noqa: E402
@@ -64,7 +63,9 @@ from utils.retrieval import retrieval_metrics  # noqa: E402
 
 logger = logging.getLogger("bench_clip")
 
-SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval")
+SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval", "compile", "checkpointing", "channels_last")
+# Not run unless asked for (--sections): each compiles or steps the full model for minutes.
+DEFAULT_SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval")
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-5, 0.1, 1.0  # run_clip's README recipe; the Trainer clips at 1.0
 
 
@@ -162,10 +163,11 @@ def read_rows(jsonl: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def build_our_dataset(jsonl: str, spec: ImageTransformSpec) -> ImageTextDataset:
-    """run_clip's training set, as its main() builds it (without the skip log: the benchmark's files are good)."""
+def build_our_dataset(jsonl: str, spec: ImageTransformSpec, draft: bool = True) -> ImageTextDataset:
+    """run_clip's training set, as its main() builds it (without the skip log: the benchmark's files are good):
+    JPEGs decoded at reduced scale where the resize allows (--jpeg_draft, on by default), or in full."""
     split = load_splits(data_files={"train": jsonl}, cache_dir=os.path.join(os.path.dirname(jsonl), "hf_cache"))["train"]
-    return ImageTextDataset(split, "image", "captions", build_image_transform(spec), sample_caption=True, seed=0)
+    return ImageTextDataset(split, "image", "captions", build_image_transform(spec, draft=draft), sample_caption=True, seed=0)
 
 
 def decay_parameter_names(model: torch.nn.Module) -> set[str]:
@@ -188,8 +190,9 @@ class TrainingLoop:
 
     def __init__(self, pipeline: str, model, tokenizer, spec: ImageTransformSpec, jsonl: str, batch_size: int, precision: str):
         self.pipeline, self.model = pipeline, model
-        if pipeline == "ours":
-            dataset = build_our_dataset(jsonl, spec)
+        self.ours = pipeline.startswith("ours")  # "ours_full_decode": ours with every JPEG decoded in full (--jpeg_draft false)
+        if self.ours:
+            dataset = build_our_dataset(jsonl, spec, draft=pipeline == "ours")
             collate = ClipCollator(tokenizer, 77, spec)
             decay = decay_parameter_names(model)
             groups = [
@@ -210,7 +213,7 @@ class TrainingLoop:
         self.last_batch = None
 
     def loss_of(self, batch: dict) -> torch.Tensor:
-        if self.pipeline == "ours":  # ClipTrainer.compute_loss
+        if self.ours:  # ClipTrainer.compute_loss
             outputs = self.model(**batch)
             return clip_loss(outputs.image_embeds, outputs.text_embeds, self.model.logit_scale.exp())
         return self.model(**batch).loss  # the model's own loss (return_loss=True in the batch)
@@ -228,7 +231,7 @@ class TrainingLoop:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.pipeline == "ours":  # ClampLogitScaleCallback
+        if self.ours:  # ClampLogitScaleCallback
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, math.log(100.0))
         t4 = time.perf_counter()
@@ -277,15 +280,19 @@ def measure_training(pipeline: str, precision: str, layers: int, batch_size: int
     return result
 
 
-def measure_side_by_side(precision: str, layers: int, batch_size: int, warmup_steps: int, measured_steps: int, jsonl: str) -> dict:
-    """Ours and the baseline in one process, two identical models, steps alternating (ours, baseline, baseline,
-    ours, ...): both see the same load, so their ratio is the least noisy figure a shared machine gives. Peak
-    RSS here is both together; per-pipeline RSS comes from the runs alone."""
+def measure_side_by_side(precision: str, layers: int, batch_size: int, warmup_steps: int, measured_steps: int, jsonl: str,
+                         full_decode: bool = True) -> dict:
+    """Ours and the baseline in one process, identical models, steps alternating (ours, baseline, baseline, ours,
+    ...): both see the same load, so their ratio is the least noisy figure a shared machine gives. With
+    `full_decode`, a third copy of ours with every JPEG decoded in full (--jpeg_draft false) steps in the rotation
+    too: draft decoding's effect on the data part of a training step. Peak RSS here is all of them together;
+    per-pipeline RSS comes from the runs alone."""
     transformers.logging.set_verbosity_error()
     tokenizer = build_caption_tokenizer()
     spec = clip_image_spec()
+    pipelines = ["ours", "baseline"] + (["ours_full_decode"] if full_decode else [])
     loops = {}
-    for pipeline in ("ours", "baseline"):
+    for pipeline in pipelines:
         torch.manual_seed(0)
         model = build_model(layers, tokenizer)
         model.train()
@@ -295,21 +302,25 @@ def measure_side_by_side(precision: str, layers: int, batch_size: int, warmup_st
     matmul_before = matmul_gflops(dtype)
     steps = {pipeline: [] for pipeline in loops}
     for index in range(warmup_steps + measured_steps):
-        for pipeline in (("ours", "baseline") if index % 2 == 0 else ("baseline", "ours")):
+        order = pipelines if index % 2 == 0 else pipelines[::-1]
+        for pipeline in order:
             steps[pipeline].append(loops[pipeline].step())
     summaries = {pipeline: summarize_steps(s, warmup_steps, batch_size) for pipeline, s in steps.items()}
-    for pipeline, loop in loops.items():
+    for pipeline in ("ours", "baseline"):
+        loop = loops[pipeline]
         summaries[pipeline]["flops"] = count_step_flops(loop.model, loop.last_batch, loop.loss_of, loop.autocast)
-    return {
+    result = {
         # The same process's matmul rate just before and after the steps: the reference for "fraction of the
         # matmul rate" under the load these steps saw.
         "matmul_gflops": {"before": matmul_before, "after": matmul_gflops(dtype)},
-        "ours": summaries["ours"],
-        "baseline": summaries["baseline"],
+        **summaries,
         "ours_over_baseline": summaries["ours"]["samples_per_s"] / summaries["baseline"]["samples_per_s"],
         "load_avg_start": start_load,
         "load_avg_end": load_average(),
     }
+    if full_decode:
+        result["draft_over_full_decode"] = summaries["ours"]["samples_per_s"] / summaries["ours_full_decode"]["samples_per_s"]
+    return result
 
 
 def count_step_flops(model, batch: dict, loss_of, autocast, rows: int = 2) -> dict:
@@ -469,6 +480,19 @@ def summarize_training(runs: list[dict]) -> dict:
                                                           for r in results if "samples_per_cpu_s" in r["ours"]]) else None,
                 "load_avg": [r["load_avg_start"] for r in results],
             }
+            with_full = [r for r in results if "ours_full_decode" in r]
+            if with_full:
+                side_by_side[precision]["draft"] = {
+                    "runs": len(with_full),
+                    "data_s_per_step": {p: median(r[p]["per_step_s"]["data"] for r in with_full) for p in ("ours", "ours_full_decode")},
+                    "data_share": {p: median(r[p]["share"]["data"] for r in with_full) for p in ("ours", "ours_full_decode")},
+                    "samples_per_s": {p: median(r[p]["samples_per_s"] for r in with_full) for p in ("ours", "ours_full_decode")},
+                    "draft_over_full_decode": median(r["draft_over_full_decode"] for r in with_full),
+                    "per_run": [round(r["draft_over_full_decode"], 3) for r in with_full],
+                    "data_speedup_per_run": [round(r["ours_full_decode"]["per_step_s"]["data"] / r["ours"]["per_step_s"]["data"], 2)
+                                             for r in with_full],
+                    "load_avg": [r["load_avg_start"] for r in with_full],
+                }
     return {"results": summary, "ours_over_baseline": ratios, "side_by_side": side_by_side}
 
 
@@ -551,15 +575,179 @@ def seconds_ratio(slow: list[float], fast: list[float]) -> dict:
     return {"median": median(per_round), "per_round": [round(r, 3) for r in per_round]}
 
 
+# --- The model's own fast paths: torch.compile, activation checkpointing, channels-last ------------------------
+
+
+def caption_batch(tokenizer, batch_size: int, text_length: int, generator: torch.Generator) -> dict:
+    """A model-step batch: random 224 px images and captions of exactly `text_length` tokens (bos, words, eos), as
+    padding to the longest caption makes them."""
+    words = text_length - 2
+    input_ids = torch.full((batch_size, text_length), tokenizer.pad_token_id)
+    input_ids[:, 0] = tokenizer.bos_token_id
+    input_ids[:, 1 : 1 + words] = torch.randint(2, len(tokenizer), (batch_size, words), generator=generator)
+    input_ids[:, 1 + words] = tokenizer.eos_token_id
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": torch.randn(batch_size, 3, 224, 224, generator=generator)}
+
+
+def clip_step(model, batch: dict, precision: str, run=None) -> float:
+    """Forward + backward of the CLIP loss as ClipTrainer computes it: `run` (the model itself, or a compiled
+    module wrapping it), then clip_loss in float32; the model's gradients dropped. Returns the loss."""
+    with (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()):
+        outputs = (model if run is None else run)(**batch)
+        loss = clip_loss(outputs.image_embeds, outputs.text_embeds, model.logit_scale.exp())
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _new_model(layers: int):
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    tokenizer = build_caption_tokenizer()
+    model = build_model(layers, tokenizer)
+    model.train()
+    return model, tokenizer
+
+
+def measure_compile(layers: int, batch_size: int, rounds: int, precision: str, regional: bool, cache_dir: str) -> dict:
+    """Eager vs torch.compile (inductor, default mode: what --torch_compile does) on the model step, the compiled
+    module wrapping the same weights. As in run_clip, caption lengths vary between batches: the first compiled
+    step compiles for its shapes (22 tokens), the first at another length (24) recompiles with the text length
+    dynamic (automatic dynamic shapes), and every later step reuses that graph; both compile times are recorded,
+    from a fresh cache (`cache_dir`): a cold start. `regional`: accelerate's compile_regions instead (each
+    repeated layer compiled once and reused, the rest compiled apart), what the Trainer does with
+    ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=1. Then eager and compiled steps alternate at 23 tokens."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # read when inductor first writes: this process compiles cold
+    from torch._dynamo.utils import counters
+
+    model, tokenizer = _new_model(layers)
+    generator = torch.Generator().manual_seed(0)
+    batches = {length: caption_batch(tokenizer, batch_size, length, generator) for length in (22, 24, 23)}
+    if regional:
+        from accelerate.utils import compile_regions
+
+        compiled = compile_regions(model)
+    else:
+        compiled = torch.compile(model)
+    load_start = load_average()
+    start = time.perf_counter()
+    clip_step(model, batches[22], precision, compiled)
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    clip_step(model, batches[24], precision, compiled)
+    recompile_s = time.perf_counter() - start
+    losses = {"eager": clip_step(model, batches[23], precision),
+              "compiled": clip_step(model, batches[23], precision, compiled)}  # also warms both up at 23
+    seconds = {"eager": [], "compiled": []}
+    for index in range(rounds):
+        for name in (("eager", "compiled") if index % 2 == 0 else ("compiled", "eager")):
+            start = time.perf_counter()
+            clip_step(model, batches[23], precision, None if name == "eager" else compiled)
+            seconds[name].append(time.perf_counter() - start)
+    step = {name: median(values) for name, values in seconds.items()}
+    return {
+        "regional": regional,
+        "precision": precision,
+        "batch_size": batch_size,
+        "first_step_s": first_s,
+        "recompile_step_s": recompile_s,
+        # The cold start beyond the step itself: what compiling costs before the first step's work pays off.
+        "compile_s": first_s - step["compiled"],
+        "recompile_s": recompile_s - step["compiled"],
+        "step_s": step,
+        "step_s_all": {name: [round(v, 2) for v in values] for name, values in seconds.items()},
+        "speedup": seconds_ratio(seconds["eager"], seconds["compiled"]),
+        "loss_eager_vs_compiled": losses,
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+def measure_checkpointing(layers: int, batch_size: int, rounds: int, precision: str) -> dict:
+    """Activation checkpointing (--activation_checkpointing) on the model step: the process's peak RSS after a step
+    with checkpointing, then after one without (ru_maxrss only grows, and checkpointing needs less), then steps with
+    and without alternating for the time."""
+    model, tokenizer = _new_model(layers)
+    batch = caption_batch(tokenizer, batch_size, 23, torch.Generator().manual_seed(0))
+    rss_model = current_rss_mib()
+    load_start = load_average()
+    peak, seconds = {}, {"off": [], "on": []}
+    for index in range(rounds + 1):  # round 0 measures the peaks (and warms up)
+        for name in (("on", "off") if index % 2 == 0 else ("off", "on")):
+            if name == "on":
+                model.activation_checkpointing_enable()
+            else:
+                model.activation_checkpointing_disable()
+            start = time.perf_counter()
+            clip_step(model, batch, precision)
+            if index:
+                seconds[name].append(time.perf_counter() - start)
+            else:
+                peak[name] = peak_rss_mib()
+    return {
+        "precision": precision,
+        "batch_size": batch_size,
+        "rss_after_model_mib": round(rss_model, 1),
+        "peak_rss_mib": {name: round(v, 1) for name, v in peak.items()},
+        "peak_above_model_mib": {name: round(v - rss_model, 1) for name, v in peak.items()},
+        "step_s": {name: median(v) for name, v in seconds.items()},
+        "step_s_all": {name: [round(x, 2) for x in v] for name, v in seconds.items()},
+        "slowdown": seconds_ratio(seconds["on"], seconds["off"]),
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+def measure_channels_last(layers: int, batch_size: int, rounds: int, precision: str) -> dict:
+    """Channels-last memory format on ViT-B/32, whose only convolution is the patch embedding (3 -> 768 channels,
+    32 x 32 kernel, stride 32): that convolution's forward + backward alone (20 repeats per round), and the whole
+    model step, contiguous and channels-last alternating."""
+    model, tokenizer = _new_model(layers)
+    batch = caption_batch(tokenizer, batch_size, 23, torch.Generator().manual_seed(0))
+    conv = model.vision_model.embeddings.patch_embedding
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+    def use(name):
+        conv.to(memory_format=formats[name])
+        return {**batch, "pixel_values": batch["pixel_values"].contiguous(memory_format=formats[name])}
+
+    def conv_step(pixels):
+        for _ in range(20):
+            with autocast():
+                out = conv(pixels.requires_grad_(False))
+            out.float().sum().backward()
+            conv.weight.grad = None
+
+    load_start = load_average()
+    conv_s, step_s = {name: [] for name in formats}, {name: [] for name in formats}
+    for index in range(rounds + 1):  # round 0 warms up both
+        for name in (list(formats) if index % 2 == 0 else list(formats)[::-1]):
+            inputs = use(name)
+            start = time.perf_counter()
+            conv_step(inputs["pixel_values"])
+            middle = time.perf_counter()
+            clip_step(model, inputs, precision)
+            if index:
+                conv_s[name].append((middle - start) / 20)
+                step_s[name].append(time.perf_counter() - middle)
+    return {
+        "precision": precision,
+        "batch_size": batch_size,
+        "patch_conv_ms": {name: median(v) * 1e3 for name, v in conv_s.items()},
+        "patch_conv_speedup": seconds_ratio(conv_s["contiguous"], conv_s["channels_last"]),
+        "step_s": {name: median(v) for name, v in step_s.items()},
+        "step_s_all": {name: [round(x, 2) for x in v] for name, v in step_s.items()},
+        "step_speedup": seconds_ratio(step_s["contiguous"], step_s["channels_last"]),
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
 # --- Input pipeline ----------------------------------------------------------------------------------------
-
-
-def load_image_draft(path: str, size: tuple[int, int]) -> Image.Image:
-    """`load_image` with JPEG DCT scaling: `draft` asks libjpeg for the smallest 1/2, 1/4 or 1/8 scale that
-    keeps the image at least `size`, so a 640x480 photo bound for a 224 px shortest edge decodes at 320x240."""
-    image = Image.open(path)
-    image.draft("RGB", size)
-    return load_image(image)
 
 
 def measure_input_pipeline(paths: list[str], captions: list[str], rounds: int, batch_size: int) -> dict:
@@ -568,8 +756,9 @@ def measure_input_pipeline(paths: list[str], captions: list[str], rounds: int, b
     torch.set_num_threads(1)
     spec = clip_image_spec()
     transform = build_image_transform(spec)
+    draft_transform = build_image_transform(spec, draft=True)  # run_clip's training transform (--jpeg_draft, the default)
     baseline_transform = BaselineTransform(spec.crop_height, spec.mean, spec.std)
-    draft_size = (spec.resize_shortest_edge, spec.resize_shortest_edge)
+    draft_size = draft_transform.min_decode_size  # (224, 224): a 640x480 photo decodes at 320x240
     tokenizer = build_caption_tokenizer()
     uint8_batch = torch.stack([transform(load_image(p)) for p in paths[:batch_size]])
     full_images = [load_image(p) for p in paths]
@@ -580,10 +769,10 @@ def measure_input_pipeline(paths: list[str], captions: list[str], rounds: int, b
 
     variants = {
         "ours": lambda p: transform(load_image(p)),
-        "ours_draft": lambda p: transform(load_image_draft(p, draft_size)),
+        "ours_draft": lambda p: draft_transform(load_image(p, min_size=draft_size)),
         "baseline": lambda p: baseline_transform(read_image(p, mode=ImageReadMode.RGB)),
         "decode_pil": lambda p: load_image(p),
-        "decode_pil_draft": lambda p: load_image_draft(p, draft_size),
+        "decode_pil_draft": lambda p: load_image(p, min_size=draft_size),
         "decode_torchvision": lambda p: read_image(p, mode=ImageReadMode.RGB),
     }
     seconds: dict[str, list[float]] = {name: [] for name in [*variants, "resize_crop_uint8", "transform_baseline", "normalize_batch",
@@ -661,7 +850,7 @@ def draft_pixel_difference(paths: list[str], transform, draft_size) -> dict:
     diffs = []
     for path in paths:
         full = transform(load_image(path)).int()
-        draft = transform(load_image_draft(path, draft_size)).int()
+        draft = transform(load_image(path, min_size=draft_size)).int()
         diffs.append((full - draft).abs().flatten())
     diffs = torch.cat(diffs).float()
     mse = float((diffs**2).mean())
@@ -853,7 +1042,61 @@ def render_markdown(results: dict) -> str:
                        f"{retrieval['runs'][0]['seconds_all'].__len__()}; {retrieval['when']}; `{retrieval['command']}`)\n")
             out.append(markdown_table(["images x captions", "chunk_size", "seconds", "peak MiB beyond embeddings",
                                        "embeddings MiB", "(N x M matrix MiB, never built)", "load avg"], rows) + "\n")
+        out += _fast_path_tables(sections)
     return "\n".join(out)
+
+
+def _layers_note(layers: int) -> str:
+    return "12+12 layers" if layers == 12 else f"**{layers}+{layers} layers**"
+
+
+def _fast_path_tables(sections: dict) -> list[str]:
+    """torch.compile, activation checkpointing and channels-last on the model step (batch and precision per row)."""
+    out = []
+    compile_ = sections.get("compile")
+    if compile_:
+        rows = []
+        for precision, entry in compile_.items():
+            for kind in ("whole_model", "regional"):
+                r = entry.get(kind)
+                if r:
+                    losses = r["loss_eager_vs_compiled"]
+                    rows.append([precision, kind.replace("_", " "), _layers_note(entry["layers"]), r["compile_s"], r["recompile_s"],
+                                 r["step_s"]["eager"], r["step_s"]["compiled"], f"{r['speedup']['median']:.2f}x",
+                                 " ".join(f"{x:.2f}" for x in r["speedup"]["per_round"]), r["graphs"], r["graph_breaks"],
+                                 f"{abs(losses['eager'] - losses['compiled']):.1e}", r["load_avg_start"][0]])
+        stamp = next(iter(compile_.values()))
+        out.append("**torch.compile** (inductor, default mode) on the model step (forward + backward of the CLIP loss, batch "
+                   f"{stamp['whole_model']['batch_size']}): cold compile from an empty cache "
+                   "(first step at 22 tokens, minus a compiled step), the recompile when the caption length first changes (24 "
+                   "tokens: the text length becomes dynamic), then eager and compiled steps alternating at 23 tokens; "
+                   f"`{stamp['command']}`, {stamp['when']}\n")
+        out.append(markdown_table(["precision", "compile", "model", "compile s", "recompile s", "eager s/step", "compiled s/step",
+                                   "speedup (median)", "per round", "graphs", "graph breaks", "|loss diff|", "load avg"], rows) + "\n")
+    checkpointing = sections.get("checkpointing")
+    if checkpointing:
+        rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["rss_after_model_mib"], r["peak_above_model_mib"]["off"],
+                 r["peak_above_model_mib"]["on"], r["step_s"]["off"], r["step_s"]["on"], f"{r['slowdown']['median']:.2f}x",
+                 r["load_avg_start"][0]] for precision, r in checkpointing.items()]
+        stamp = next(iter(checkpointing.values()))
+        out.append("**Activation checkpointing** on the model step: peak RSS above the process after the model was built, a step "
+                   "with and one without; then steps alternating for the time; "
+                   f"`{stamp['command']}`, {stamp['when']}\n")
+        out.append(markdown_table(["precision", "model", "batch", "RSS with model MiB", "peak above it, off MiB", "peak above it, on MiB",
+                                   "s/step off", "s/step on", "on / off time", "load avg"], rows) + "\n")
+    channels_last = sections.get("channels_last")
+    if channels_last:
+        rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["patch_conv_ms"]["contiguous"], r["patch_conv_ms"]["channels_last"],
+                 f"{r['patch_conv_speedup']['median']:.2f}x", r["step_s"]["contiguous"], r["step_s"]["channels_last"],
+                 f"{r['step_speedup']['median']:.2f}x", " ".join(f"{x:.2f}" for x in r["step_speedup"]["per_round"]), r["load_avg_start"][0]]
+                for precision, r in channels_last.items()]
+        stamp = next(iter(channels_last.values()))
+        out.append("**Channels-last** (patch-embedding convolution forward + backward alone, and the whole model step; contiguous "
+                   f"and channels-last alternating; speedup = contiguous time / channels-last time); `{stamp['command']}`, {stamp['when']}\n")
+        out.append(markdown_table(["precision", "model", "batch", "patch conv ms, contiguous", "patch conv ms, channels-last",
+                                   "conv speedup", "step s, contiguous", "step s, channels-last", "step speedup", "per round",
+                                   "load avg"], rows) + "\n")
+    return out
 
 
 def _train_tables(train: dict, matmul: dict | None) -> list[str]:
@@ -904,6 +1147,20 @@ def _train_tables(train: dict, matmul: dict | None) -> list[str]:
     blocks.append(markdown_table(["precision", "side by side (median)", "per run", "ours / baseline samples/s", "load avg (1 min)",
                                   "side by side, per CPU-second", "share of matmul rate, ours / baseline",
                                   "alone, paired (median)", "per round"], ratio_rows) + "\n")
+    draft_lines = []
+    for precision in ("fp32", "bf16"):
+        d = sbs.get(precision, {}).get("draft")
+        if d:
+            draft_lines.append(
+                f"- {precision}, {d['runs']} run(s), load {' '.join(str(l[0]) for l in d['load_avg'])}: data per step "
+                f"{d['data_s_per_step']['ours']:.3f} s with draft decoding vs {d['data_s_per_step']['ours_full_decode']:.3f} s decoding "
+                f"in full ({' '.join(f'{x:.2f}x' for x in d['data_speedup_per_run'])} per run); data share "
+                f"{d['data_share']['ours']:.2%} vs {d['data_share']['ours_full_decode']:.2%}; samples/s "
+                f"{d['samples_per_s']['ours']:.3g} vs {d['samples_per_s']['ours_full_decode']:.3g} "
+                f"({' '.join(f'{x:.3f}' for x in d['per_run'])})")
+    if draft_lines:
+        blocks.append("**JPEG draft decoding in training** (side by side: ours, and ours with every JPEG decoded in full, "
+                      "stepping in the same rotation)\n\n" + "\n".join(draft_lines) + "\n")
     blocks.append("**Where a step goes** (no data loader workers, as the Trainer's default; medians)\n")
     blocks.append(markdown_table(["pipeline", "precision", "data", "forward", "backward", "optimizer"], split_rows) + "\n")
     return blocks
@@ -931,7 +1188,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller model, batch and retrieval: a few minutes on 2 cores")
     parser.add_argument("--quick_layers", type=int, default=2, help="layers per tower in quick mode")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--precisions", default="fp32,bf16", help="training precisions: fp32, bf16 (torch.autocast cpu)")
     parser.add_argument("--rounds", type=int, default=None, help="training rounds (default: 2 quick, 1 full)")
     parser.add_argument("--append_rounds", action="store_true",
@@ -1001,6 +1259,27 @@ def main(argv: list[str] | None = None) -> dict:
         commands = sorted(set(previous.get("commands", [])) | {stamp["command"]})
         out["train"] = {"settings": common, **summarize_training(runs), "runs": runs, "commands": commands, "data": data, **stamp}
         logger.info("ours/baseline: %s", {p: round(v["median"], 2) for p, v in out["train"]["ours_over_baseline"].items()})
+    fast_path_sections = {"compile": measure_compile, "checkpointing": measure_checkpointing, "channels_last": measure_channels_last}
+    for section, measure in fast_path_sections.items():
+        if section not in sections:
+            continue
+        stored = dict(_stored_section(mode, section))
+        for precision in precisions:
+            common = {"layers": settings["layers"], "batch_size": settings["batch_size"], "rounds": settings["model_rounds"],
+                      "precision": precision}
+            if section == "compile":
+                result = {}
+                for regional in (False, True):  # each in its own process and its own cold cache
+                    with tempfile.TemporaryDirectory() as cache_dir:
+                        result["regional" if regional else "whole_model"] = run_forked(measure, timeout=3000, regional=regional,
+                                                                                         cache_dir=cache_dir, **common)
+                    logger.info("compile %s %s: %s", precision, "regional" if regional else "whole model",
+                                {k: result["regional" if regional else "whole_model"][k] for k in ("compile_s", "recompile_s", "step_s")})
+            else:
+                result = run_forked(measure, timeout=3000, **common)
+                logger.info("%s %s: %s", section, precision, {k: v for k, v in result.items() if k.endswith(("_s", "mib", "speedup", "ms"))})
+            stored[precision] = {**result, "layers": settings["layers"], **stamp}
+        out[section] = stored
     if "retrieval" in sections:
         runs = []
         for chunk_size in (1024, 256):
