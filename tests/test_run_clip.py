@@ -270,12 +270,15 @@ def test_activation_checkpointing_takes_the_same_step(assets, tmp_path, monkeypa
     assert max_weight_difference(tmp_path / "plain", tmp_path / "checkpointed") < 1e-6
 
 
-def test_torch_compile_trains_as_eager(assets, tmp_path):
-    """--torch_compile: three steps, whose captions differ in length (the first change recompiles with the text
-    length dynamic), log eager's losses and end on eager's weights. The backend here is aot_eager: dynamo's graph
-    capture and AOT autograd, where graph breaks, data-dependent ops and recompiles show. The default backend,
-    inductor, adds C++ code generation that takes minutes cold on two cores: run_clip with --torch_compile is
-    checked by hand and timed in BENCHMARKS.md ("Fast paths")."""
+@pytest.mark.parametrize("regional", ["1", "0"])
+def test_torch_compile_trains_as_eager(assets, tmp_path, monkeypatch, regional):
+    """--torch_compile, regional (each repeated layer compiled once, the scripts' default) and whole-model: three
+    steps, whose captions differ in length (the first change recompiles with the text length dynamic), log eager's
+    losses and end on eager's weights. The backend here is aot_eager: dynamo's graph capture and AOT autograd, where
+    graph breaks, data-dependent ops and recompiles show. The default backend, inductor, adds C++ code generation
+    that takes minutes cold on two cores: run_clip with --torch_compile is checked by hand and timed in
+    BENCHMARKS.md ("Fast paths")."""
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", regional)
     flags = ["--model_name_or_path", assets["clip"], "--max_steps", "3", "--logging_steps", "1"]
     short_run(assets, tmp_path / "eager", *flags)
     short_run(assets, tmp_path / "compiled", *flags, "--torch_compile_backend", "aot_eager")
