@@ -325,6 +325,12 @@ def summarize(runs: list[dict], key: str) -> dict:
     return summary
 
 
+def _commands(entries: dict) -> str:
+    """Which command, when and with how many rounds made each precision's row."""
+    return "\n".join(f"- {precision}: `{r['command']}`, {r['when']}, {r['settings']['rounds']} round(s)"
+                     for precision, r in entries.items()) + "\n"
+
+
 def render_markdown(results: dict) -> str:
     out = []
     for mode in ("full", "quick"):
@@ -367,10 +373,10 @@ def render_markdown(results: dict) -> str:
             r = next(iter(evaluation.values()))
             out.append(f"**BLIP evaluation batch** (teacher-forced loss + {r['settings']['num_beams']}-beam captions of "
                        f"{r['settings']['max_new_tokens']} tokens; own: BLIP's forward and generate, as the script did before; fast: the "
-                       f"images encoded once, cross-attention keys and values once per image; alternating in one process, "
-                       f"{r['settings']['rounds']} rounds; `{r['command']}`, {r['when']})\n")
+                       f"images encoded once, cross-attention keys and values once per image; alternating in one process)\n")
             out.append(markdown_table(["precision", "batch", "images/s own", "images/s fast", "fast / own", "per round",
                                        "loss part s (own / fast)", "generate part s (own / fast)", "same captions", "load avg"], rows) + "\n")
+            out.append(_commands(evaluation))
         checkpointing = section.get("checkpointing")
         if checkpointing:
             rows = []
@@ -380,12 +386,11 @@ def render_markdown(results: dict) -> str:
                     rows.append([name, precision, entry["settings"]["batch_size"], r["rss_after_model_mib"], r["peak_above_model_mib"]["off"],
                                  r["peak_above_model_mib"]["on"], f"{r['step_s']['off']:.1f}", f"{r['step_s']['on']:.1f}",
                                  f"{r['slowdown']['median']:.2f}x", r["load_avg_start"][0]])
-            r = next(iter(checkpointing.values()))
-            out.append(f"**Activation checkpointing**, training step (forward + backward) of BLIP base (384 px) and ViLT B/32: peak RSS "
-                       f"above the process after the model was built, a step with and one without; then steps alternating "
-                       f"({r['settings']['rounds']} rounds); `{r['command']}`, {r['when']}\n")
+            out.append("**Activation checkpointing**, training step (forward + backward) of BLIP base (384 px) and ViLT B/32: peak RSS "
+                       "above the process after the model was built, a step with and one without; then steps alternating\n")
             out.append(markdown_table(["model", "precision", "batch", "RSS with model MiB", "peak above it, off MiB", "peak above it, on MiB",
                                        "s/step off", "s/step on", "on / off time", "load avg"], rows) + "\n")
+            out.append(_commands(checkpointing))
     return "\n".join(out)
 
 
@@ -441,8 +446,11 @@ def main(argv: list[str] | None = None) -> dict:
                                            questions=questions, batch_size=batches[task]["batch_size"], rounds=args.rounds)
                           for name in ("blip", "vilt")}
                 logger.info("checkpointing %s: %s", precision, {n: (r["peak_above_model_mib"], r["step_s"]) for n, r in result.items()})
+            earlier = stored.get(precision)
             stored[precision] = {**result, "settings": {**batches[task], "rounds": args.rounds, "num_beams": args.num_beams,
                                                         "max_new_tokens": args.max_new_tokens}, **stamp}
+            if earlier:  # every run stays in results.json; the tables show the latest
+                stored[precision]["earlier_runs"] = earlier.pop("earlier_runs", []) + [earlier]
         out[task] = stored
     tasks = [t for t in tasks if t in ("caption", "vqa")]
     runs = {task: [] for task in tasks}

@@ -640,12 +640,22 @@ def measure_compile(layers: int, batch_size: int, rounds: int, precision: str, r
     losses = {"eager": clip_step(model, batches[23], precision),
               "compiled": clip_step(model, batches[23], precision, compiled)}  # also warms both up at 23
     seconds = {"eager": [], "compiled": []}
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    matmul = [matmul_gflops(dtype)]
     for index in range(rounds):
         for name in (("eager", "compiled") if index % 2 == 0 else ("compiled", "eager")):
             start = time.perf_counter()
             clip_step(model, batches[23], precision, None if name == "eager" else compiled)
             seconds[name].append(time.perf_counter() - start)
+        matmul.append(matmul_gflops(dtype))
     step = {name: median(values) for name, values in seconds.items()}
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+    def loss_of(batch):
+        outputs = model(**batch)
+        return clip_loss(outputs.image_embeds, outputs.text_embeds, model.logit_scale.exp())
+
+    flops = count_step_flops(model, batches[23], loss_of, autocast)["forward_backward"]
     return {
         "regional": regional,
         "precision": precision,
@@ -658,6 +668,10 @@ def measure_compile(layers: int, batch_size: int, rounds: int, precision: str, r
         "step_s": step,
         "step_s_all": {name: [round(v, 2) for v in values] for name, values in seconds.items()},
         "speedup": seconds_ratio(seconds["eager"], seconds["compiled"]),
+        # The step's FLOPs (FlopCounterMode) over its time, against this process's matmul rate between rounds.
+        "gflop": flops / 1e9,
+        "matmul_gflops": median(matmul),
+        "matmul_fraction": {name: flops / step[name] / 1e9 / median(matmul) for name in step},
         "loss_eager_vs_compiled": losses,
         "graphs": int(counters["stats"]["unique_graphs"]),
         "graph_breaks": int(sum(counters["graph_break"].values())),
@@ -1061,42 +1075,53 @@ def _fast_path_tables(sections: dict) -> list[str]:
                 r = entry.get(kind)
                 if r:
                     losses = r["loss_eager_vs_compiled"]
+                    fraction = r.get("matmul_fraction")
                     rows.append([precision, kind.replace("_", " "), _layers_note(entry["layers"]), r["compile_s"], r["recompile_s"],
                                  r["step_s"]["eager"], r["step_s"]["compiled"], f"{r['speedup']['median']:.2f}x",
-                                 " ".join(f"{x:.2f}" for x in r["speedup"]["per_round"]), r["graphs"], r["graph_breaks"],
-                                 f"{abs(losses['eager'] - losses['compiled']):.1e}", r["load_avg_start"][0]])
+                                 " ".join(f"{x:.2f}" for x in r["speedup"]["per_round"]),
+                                 f"{fraction['eager']:.2f} / {fraction['compiled']:.2f}" if fraction else None,
+                                 r["graphs"], r["graph_breaks"], f"{abs(losses['eager'] - losses['compiled']):.1e}", r["load_avg_start"][0]])
         stamp = next(iter(compile_.values()))
         out.append("**torch.compile** (inductor, default mode) on the model step (forward + backward of the CLIP loss, batch "
                    f"{stamp['whole_model']['batch_size']}): cold compile from an empty cache "
                    "(first step at 22 tokens, minus a compiled step), the recompile when the caption length first changes (24 "
-                   "tokens: the text length becomes dynamic), then eager and compiled steps alternating at 23 tokens; "
-                   f"`{stamp['command']}`, {stamp['when']}\n")
+                   "tokens: the text length becomes dynamic), then eager and compiled steps alternating at 23 tokens\n")
         out.append(markdown_table(["precision", "compile", "model", "compile s", "recompile s", "eager s/step", "compiled s/step",
-                                   "speedup (median)", "per round", "graphs", "graph breaks", "|loss diff|", "load avg"], rows) + "\n")
+                                   "speedup (median)", "per round", "fraction of the matmul rate, eager / compiled", "graphs",
+                                   "graph breaks", "loss diff (abs)", "load avg"], rows) + "\n")
+        out.append(_fast_path_commands(compile_))
     checkpointing = sections.get("checkpointing")
     if checkpointing:
         rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["rss_after_model_mib"], r["peak_above_model_mib"]["off"],
                  r["peak_above_model_mib"]["on"], r["step_s"]["off"], r["step_s"]["on"], f"{r['slowdown']['median']:.2f}x",
                  r["load_avg_start"][0]] for precision, r in checkpointing.items()]
-        stamp = next(iter(checkpointing.values()))
         out.append("**Activation checkpointing** on the model step: peak RSS above the process after the model was built, a step "
-                   "with and one without; then steps alternating for the time; "
-                   f"`{stamp['command']}`, {stamp['when']}\n")
+                   "with and one without; then steps alternating for the time\n")
         out.append(markdown_table(["precision", "model", "batch", "RSS with model MiB", "peak above it, off MiB", "peak above it, on MiB",
                                    "s/step off", "s/step on", "on / off time", "load avg"], rows) + "\n")
+        out.append(_fast_path_commands(checkpointing))
     channels_last = sections.get("channels_last")
     if channels_last:
         rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["patch_conv_ms"]["contiguous"], r["patch_conv_ms"]["channels_last"],
                  f"{r['patch_conv_speedup']['median']:.2f}x", r["step_s"]["contiguous"], r["step_s"]["channels_last"],
                  f"{r['step_speedup']['median']:.2f}x", " ".join(f"{x:.2f}" for x in r["step_speedup"]["per_round"]), r["load_avg_start"][0]]
                 for precision, r in channels_last.items()]
-        stamp = next(iter(channels_last.values()))
         out.append("**Channels-last** (patch-embedding convolution forward + backward alone, and the whole model step; contiguous "
-                   f"and channels-last alternating; speedup = contiguous time / channels-last time); `{stamp['command']}`, {stamp['when']}\n")
+                   "and channels-last alternating; speedup = contiguous time / channels-last time)\n")
         out.append(markdown_table(["precision", "model", "batch", "patch conv ms, contiguous", "patch conv ms, channels-last",
                                    "conv speedup", "step s, contiguous", "step s, channels-last", "step speedup", "per round",
                                    "load avg"], rows) + "\n")
+        out.append(_fast_path_commands(channels_last))
     return out
+
+
+def _fast_path_commands(entries: dict) -> str:
+    """Which command and when made each precision's row, and how many earlier runs results.json keeps."""
+    lines = []
+    for precision, r in entries.items():
+        earlier = len(r.get("earlier_runs", []))
+        lines.append(f"- {precision}: `{r['command']}`, {r['when']}" + (f"; {earlier} earlier run(s) in results.json" if earlier else ""))
+    return "\n".join(lines) + "\n"
 
 
 def _train_tables(train: dict, matmul: dict | None) -> list[str]:
@@ -1121,7 +1146,10 @@ def _train_tables(train: dict, matmul: dict | None) -> list[str]:
     blocks.append(f"**Training throughput**: CLIP ViT-B/32, {layers}, random weights, batch {s['batch_size']}, "
                   f"{s['warmup_steps']} warm-up + {s['measured_steps']} measured steps per run, each pipeline alone in its process, "
                   f"median of up to {rounds} runs (ours_trainer: ClipTrainer itself; share of matmul rate: FLOPs over the "
-                  f"forward, backward and optimizer time, against the matmul section's rate; last run {train['when']}; {commands})\n")
+                  f"forward, backward and optimizer time, against the matmul section's rate"
+                  + (f", measured {matmul['when']} at load {matmul['load_avg_start'][0]}: a run under another load reads off by as much "
+                     f"as the load changes the step" if matmul else "")
+                  + f"; last run {train['when']}; {commands})\n")
     blocks.append(markdown_table(
         ["pipeline", "precision", "samples/s (median)", "per run", "samples per CPU-second", "s/step", "peak RSS MiB", "text tokens", "GFLOP fwd+bwd",
          "share of matmul rate (model time)", "load avg (1 min) per run"], rows) + "\n")
@@ -1191,7 +1219,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--precisions", default="fp32,bf16", help="training precisions: fp32, bf16 (torch.autocast cpu)")
-    parser.add_argument("--rounds", type=int, default=None, help="training rounds (default: 2 quick, 1 full)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="training rounds (default: 2 quick, 1 full); for compile, checkpointing, channels_last: rounds of "
+                             "the alternation (default 3)")
     parser.add_argument("--append_rounds", action="store_true",
                         help="add this run's training rounds to those stored in results.json (same mode and settings)")
     parser.add_argument("--pipelines", default="ours,baseline,trainer,side_by_side",
@@ -1265,7 +1295,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         stored = dict(_stored_section(mode, section))
         for precision in precisions:
-            common = {"layers": settings["layers"], "batch_size": settings["batch_size"], "rounds": settings["model_rounds"],
+            common = {"layers": settings["layers"], "batch_size": settings["batch_size"], "rounds": args.rounds or settings["model_rounds"],
                       "precision": precision}
             if section == "compile":
                 result = {}
@@ -1278,7 +1308,10 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 result = run_forked(measure, timeout=3000, **common)
                 logger.info("%s %s: %s", section, precision, {k: v for k, v in result.items() if k.endswith(("_s", "mib", "speedup", "ms"))})
+            earlier = stored.get(precision)
             stored[precision] = {**result, "layers": settings["layers"], **stamp}
+            if earlier:  # every run stays in results.json; the tables show the latest
+                stored[precision]["earlier_runs"] = earlier.pop("earlier_runs", []) + [earlier]
         out[section] = stored
     if "retrieval" in sections:
         runs = []
