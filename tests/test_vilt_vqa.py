@@ -40,7 +40,7 @@ from tests.helpers import (
 from utils.data import SkippedSamples, load_splits
 from utils.demo import write_demo_dataset
 from utils.demo_vqa import build_demo_vilt, human_answers, write_vqa_rows
-from utils.images import ImageTransformSpec
+from utils.images import ImageTransformSpec, load_image
 from utils.vqa import vqa_accuracy
 from utils.vqa_inference import answer_question, load_vqa_model
 
@@ -469,3 +469,24 @@ def test_activation_checkpointing_takes_the_same_step(assets, tmp_path, monkeypa
         assert bool(checkpoints) == (name == "checkpointed")
     assert losses["checkpointed"] == pytest.approx(losses["plain"], rel=1e-6)
     assert max_weight_difference(tmp_path / "plain", tmp_path / "checkpointed") < 1e-6
+
+
+def test_training_jpegs_may_decode_at_reduced_scale_and_evaluation_ones_in_full(tmp_path):
+    """With jpeg_draft, a training JPEG decodes at the strongest reduction that keeps both sides >= shortest_edge
+    (which the resize never exceeds); evaluation images decode in full, so they equal ViltImageProcessor's."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    rows = {"question": "what is it?", "answers": ["red"] * 10, "image": "a.jpg"}
+    paths = {split: small_split(tmp_path, split, [dict(rows)]) for split in ("train", "validation")}
+    data_args = DataArguments(train_file=paths["train"], validation_file=paths["validation"], min_answer_count=1)
+    splits = load_splits(data_files=paths)
+    columns = resolve_columns(splits["train"], data_args)
+    vqa_rows = {split: read_vqa_rows(data, columns, answers_required=True) for split, data in splits.items()}
+    transform = ViltImageTransform(ImageTransformSpec(resize_shortest_edge=32), size_divisor=16)
+    datasets_ = build_vqa_datasets(vqa_rows, transform, {"red": 0}, SkippedSamples(None), 0.0, jpeg_draft=True)
+    assert datasets_["train"].transform.min_decode_size == (32, 32) and datasets_["validation"].transform.min_decode_size is None
+    full = load_image(str(tmp_path / "a.jpg"))
+    reduced = load_image(str(tmp_path / "a.jpg"), min_size=(32, 32))
+    assert reduced.size == (50, 35)  # halved: a quarter would leave 25 x 17
+    assert torch.equal(datasets_["train"][0]["pixel_values"], transform(reduced))
+    assert torch.equal(datasets_["validation"][0]["pixel_values"], transform(full))
