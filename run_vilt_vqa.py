@@ -294,7 +294,7 @@ class VQADataset(EpochAware, torch.utils.data.Dataset):
         return sample
 
     def load_image(self, index: int):
-        return load_image(self.image_value(index), self.rows.split.base_dir, self.transform.min_decode_size)
+        return load_image(self.image_value(index), self.rows.split.base_dir, getattr(self.transform, "min_decode_size", None))
 
     def record_decode_error(self, index: int, err: Exception) -> None:
         self.skip_log.record(self.split_name, self.row(index), self.image_value(index), str(err))
@@ -332,7 +332,7 @@ class VQAStream(TrainingStream):
         if not label_ids:
             return None
         try:
-            image = load_image(row[self.image_column], self.base_dir, self.transform.min_decode_size)
+            image = load_image(row[self.image_column], self.base_dir, getattr(self.transform, "min_decode_size", None))
         except ImageLoadError as err:
             raise BadSample(str(err)) from None
         return {"pixel_values": self.transform(image), "question": row[self.columns["question"]], "example_index": -1,
