@@ -47,6 +47,7 @@ from transformers import (
     EncoderDecoderCache,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 from transformers.trainer_utils import EvalLoopOutput
 
@@ -572,7 +573,8 @@ def main(argv: list[str] | None = None) -> dict:
     for rows in splits.values():
         check_columns(rows, image_column=image_column, caption_column=caption_column)
 
-    # 3. Model and processor; what trains.
+    # 3. Model and processor, seeded first (a model from --config_name starts at random); what trains.
+    set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args)
     freeze_towers(model, model_args)
     trainable, total = count_parameters(model)

@@ -38,6 +38,7 @@ from transformers import (
     TrainingArguments,
     VisionTextDualEncoderModel,
     VisionTextDualEncoderProcessor,
+    set_seed,
 )
 from transformers.trainer_utils import EvalLoopOutput
 
@@ -430,7 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
     for rows in splits.values():
         check_columns(rows, image_column=image_column, caption_column=caption_column)
 
-    # 3. Model and processor.
+    # 3. Model and processor; seeded first, as a dual encoder's projections (or a model from scratch) start at random.
+    set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args)
     if model_args.freeze_vision_model:
         freeze(model.vision_model)

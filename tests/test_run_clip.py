@@ -77,6 +77,25 @@ def test_dual_encoder_from_pretrained_vit_and_minilm(assets, tmp_path):
     assert processor.tokenizer.model_max_length == 512
 
 
+def test_new_projections_are_drawn_from_the_seed(assets, tmp_path):
+    """A dual encoder's projections start at random: the same --seed gives the same model, whatever the process
+    drew from the global generator before, and another seed another model."""
+    from safetensors.torch import load_file
+
+    def projections(name, seed):
+        torch.manual_seed(len(name))  # the global generator in a different state before each run
+        run_clip.main([
+            "--vision_model_name_or_path", assets["vit"], "--text_model_name_or_path", minilm_path(),
+            "--train_file", assets["data"]["train"], "--output_dir", str(tmp_path / name), "--do_train", "--max_steps", "1",
+            "--learning_rate", "0", "--save_strategy", "no", "--seed", str(seed), "--use_cpu", "--report_to", "none",
+        ])
+        return load_file(tmp_path / name / "model.safetensors")["visual_projection.weight"]
+
+    first, again, other = projections("a", 7), projections("bb", 7), projections("ccc", 8)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
 def test_from_scratch_config(assets, tmp_path):
     metrics = run_clip.main(
         common_args(
