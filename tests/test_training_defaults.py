@@ -32,3 +32,22 @@ def test_the_default_applies_only_when_the_flag_is_not_given(tmp_path, monkeypat
     assert args.dataloader_num_workers == 3
     (args,) = parse_args((TrainingArguments,), [*base, "--dataloader_num_workers=2"])
     assert args.dataloader_num_workers == 2
+
+
+@pytest.mark.parametrize("script,config", [
+    ("run_clip", "demo_clip.yaml"), ("run_blip_caption", "demo_caption.yaml"), ("run_vilt_vqa", "demo_vqa.yaml"),
+])
+def test_demo_configs_parse_with_their_scripts_flags(script, config):
+    """The configs the README runs name only flags their script has, with values it accepts (a renamed flag
+    would otherwise surface only when a user runs the demo)."""
+    import importlib
+    import os
+
+    module = importlib.import_module(script)
+    groups = [getattr(module, name) for name in ("ModelArguments", "DataArguments", "CaptionArguments") if hasattr(module, name)]
+    from utils.training import RunArguments
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", config)
+    parsed = parse_args((*groups, RunArguments, TrainingArguments), [path])
+    training_args = parsed[-1]
+    assert training_args.do_train and training_args.output_dir.startswith("demo/")
