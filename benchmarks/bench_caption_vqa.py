@@ -51,6 +51,8 @@ from benchmarks.common import (  # noqa: E402
     peak_rss_mib,
     replace_markdown_block,
     run_forked,
+    store_keeping_earlier,
+    stored_section,
     update_results,
     write_image_text_data,
 )
@@ -295,16 +297,6 @@ def measure_checkpointing(model_name: str, precision: str, paths: list[str], que
     }
 
 
-def _stored(mode: str, task: str) -> dict:
-    import json
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f).get("bench_caption_vqa", {}).get(mode, {}).get(task, {})
-
-
 def summarize(runs: list[dict], key: str) -> dict:
     summary = {}
     for precision in ("fp32", "bf16"):
@@ -434,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {}
     # Alternating within one process, once per precision (merged into what earlier runs stored for other precisions).
     for task in [t for t in tasks if t in ("caption_eval", "checkpointing")]:
-        stored = dict(_stored(mode, task))
+        stored = dict(stored_section("bench_caption_vqa", mode, task))
         for precision in precisions:
             if task == "caption_eval":
                 result = run_forked(measure_caption_eval, timeout=3000, precision=precision, paths=paths, rounds=args.rounds,
@@ -446,11 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
                                            questions=questions, batch_size=batches[task]["batch_size"], rounds=args.rounds)
                           for name in ("blip", "vilt")}
                 logger.info("checkpointing %s: %s", precision, {n: (r["peak_above_model_mib"], r["step_s"]) for n, r in result.items()})
-            earlier = stored.get(precision)
-            stored[precision] = {**result, "settings": {**batches[task], "rounds": args.rounds, "num_beams": args.num_beams,
-                                                        "max_new_tokens": args.max_new_tokens}, **stamp}
-            if earlier:  # every run stays in results.json; the tables show the latest
-                stored[precision]["earlier_runs"] = earlier.pop("earlier_runs", []) + [earlier]
+            settings = {**batches[task], "rounds": args.rounds, "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+            store_keeping_earlier(stored, precision, {**result, "settings": settings, **stamp})
         out[task] = stored
     tasks = [t for t in tasks if t in ("caption", "vqa")]
     runs = {task: [] for task in tasks}

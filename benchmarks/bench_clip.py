@@ -52,6 +52,8 @@ from benchmarks.common import (  # noqa: E402
     peak_rss_mib,
     replace_markdown_block,
     run_forked,
+    store_keeping_earlier,
+    stored_section,
     update_results,
     write_image_text_data,
 )
@@ -994,16 +996,6 @@ def measure_retrieval(num_images: int, captions_per_image: int, dim: int, chunk_
 # --- Tables for BENCHMARKS.md --------------------------------------------------------------------------------
 
 
-def _stored_section(mode: str, section: str) -> dict:
-    import json
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f).get("bench_clip", {}).get(mode, {}).get(section, {})
-
-
 def render_markdown(results: dict) -> str:
     """The generated part of BENCHMARKS.md: one table per section, for each mode that has figures."""
     out = []
@@ -1275,7 +1267,7 @@ def main(argv: list[str] | None = None) -> dict:
                     {k: round(v["median"], 2) for k, v in out["model"]["longest_speedup"].items()})
     if "train" in sections:
         common = {key: settings[key] for key in ("layers", "batch_size", "warmup_steps", "measured_steps")}
-        previous = _stored_section(mode, "train") if args.append_rounds else {}
+        previous = stored_section("bench_clip", mode, "train") if args.append_rounds else {}
         if previous and previous.get("settings") != common:
             logger.warning("stored %s train figures were made with %s, not %s: starting afresh", mode, previous.get("settings"), common)
             previous = {}
@@ -1293,7 +1285,7 @@ def main(argv: list[str] | None = None) -> dict:
     for section, measure in fast_path_sections.items():
         if section not in sections:
             continue
-        stored = dict(_stored_section(mode, section))
+        stored = dict(stored_section("bench_clip", mode, section))
         for precision in precisions:
             common = {"layers": settings["layers"], "batch_size": settings["batch_size"], "rounds": args.rounds or settings["model_rounds"],
                       "precision": precision}
@@ -1308,10 +1300,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 result = run_forked(measure, timeout=3000, **common)
                 logger.info("%s %s: %s", section, precision, {k: v for k, v in result.items() if k.endswith(("_s", "mib", "speedup", "ms"))})
-            earlier = stored.get(precision)
-            stored[precision] = {**result, "layers": settings["layers"], **stamp}
-            if earlier:  # every run stays in results.json; the tables show the latest
-                stored[precision]["earlier_runs"] = earlier.pop("earlier_runs", []) + [earlier]
+            store_keeping_earlier(stored, precision, {**result, "layers": settings["layers"], **stamp})
         out[section] = stored
     if "retrieval" in sections:
         runs = []

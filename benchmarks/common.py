@@ -282,6 +282,23 @@ def update_results(benchmark: str, mode: str, sections: dict, machine: dict, pat
     return results
 
 
+def stored_section(benchmark: str, mode: str, section: str, path: str = RESULTS_PATH) -> dict:
+    """What results.json holds for results[benchmark][mode][section] ({} when nothing yet)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get(benchmark, {}).get(mode, {}).get(section, {})
+
+
+def store_keeping_earlier(stored: dict, key: str, result: dict) -> None:
+    """stored[key] = result, with the figures it replaces appended to its `earlier_runs`: every run stays in
+    results.json, the tables show the latest."""
+    earlier = stored.get(key)
+    stored[key] = result
+    if earlier:
+        result["earlier_runs"] = earlier.pop("earlier_runs", []) + [earlier]
+
+
 def replace_markdown_block(name: str, content: str, path: str = MARKDOWN_PATH) -> None:
     """Replace what lies between `<!-- {name}:begin -->` and `<!-- {name}:end -->` in BENCHMARKS.md (generated
     tables), leaving the hand-written text around it; append the block if the markers are missing."""
