@@ -189,9 +189,9 @@ def start_run(training_args, run_args: RunArguments, *arg_groups) -> str | None:
     log_arguments(*arg_groups, run_args)
     logger.info("Training arguments %s", training_args)
     if training_args.torch_compile:
+        regional = os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"]
         logger.info("torch.compile, %s compilation (ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=%s)",
-                    "regional" if os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] not in ("0", "false", "False") else "whole-model",
-                    os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"])
+                    "whole-model" if regional in ("0", "false", "False") else "regional", regional)
     resume_from = find_checkpoint_to_resume(training_args)
     check_output_dir(training_args, run_args, resuming=resume_from is not None)
     return resume_from
@@ -300,8 +300,9 @@ def train_evaluate_predict(trainer, datasets_: dict, resume_from: str | None, sk
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
         metrics.update(result.metrics)
-        if skip_log is not None and skip_log.count():
-            logger.warning("%d samples were skipped; reasons in %s", skip_log.count(), skip_log.path)
+        skipped = skip_log.count() if skip_log is not None else 0  # reads the list: once
+        if skipped:
+            logger.warning("%d samples were skipped; reasons in %s", skipped, skip_log.path)
     for split, prefix, run in (("validation", "eval", args.do_eval), ("test", "predict", args.do_predict)):
         if not run:
             continue
