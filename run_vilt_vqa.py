@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,14 +43,13 @@ from transformers import (
 
 from utils.arguments import DataSourceArguments, ModelSourceArguments
 from utils.data import (
-    CHECK_CHUNK_ROWS,
     EpochAware,
     SetEpochCallback,
     SkippedSamples,
     Split,
     check_bad_fraction,
     check_columns,
-    check_image,
+    check_images,
     guess_column,
     load_or_replace,
     load_requested_splits,
@@ -356,22 +354,15 @@ def find_unusable_rows(rows: VQARows, decode: bool, skip_log: SkippedSamples, sp
     `decode` a full decode), recorded in `skip_log`. Each image file is checked once: VQAv2 asks about five
     questions per image."""
     images = rows.split.rows.select_columns([rows.image_column])
-    keys, problems = [], {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # file checks wait on storage, decoding releases the GIL
-        # A chunk of rows at a time, so a column of embedded images is never held in memory whole.
-        for chunk in images.iter(batch_size=CHECK_CHUNK_ROWS):
-            chunk_keys = [value if isinstance(value, str) else ("row", len(keys) + i) for i, value in enumerate(chunk[rows.image_column])]
-            new = {key: value for key, value in zip(chunk_keys, chunk[rows.image_column]) if key not in problems}
-            problems.update(zip(new, pool.map(lambda v: check_image(v, rows.split.base_dir, decode), new.values())))
-            keys.extend(chunk_keys)
+    image_problems = check_images(images, rows.image_column, rows.split.base_dir, decode, workers)
     bad = set()
-    for row, key in enumerate(keys):
-        problem = rows.problems.get(row) or problems[key]
+    for row, image_problem in enumerate(image_problems):
+        problem = rows.problems.get(row) or image_problem
         if problem is not None:
             skip_log.record(split_name, row, images[row][rows.image_column], problem)
             bad.add(row)
     if bad:
-        logger.warning("%s: skipped %d of %d questions (see %s)", rows.split.origin, len(bad), len(keys), skip_log.path)
+        logger.warning("%s: skipped %d of %d questions (see %s)", rows.split.origin, len(bad), len(image_problems), skip_log.path)
     return bad
 
 

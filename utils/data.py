@@ -375,6 +375,24 @@ class SetEpochCallback(TrainerCallback):
 CHECK_CHUNK_ROWS = 256
 
 
+def check_images(rows: datasets.Dataset, column: str, base_dir: str | None, decode: bool, workers: int = 16) -> list[str | None]:
+    """`check_image` on every row's image, in row order (None where usable). A chunk of CHECK_CHUNK_ROWS rows at a
+    time, so a column of embedded images (parquet, shards read whole) is never held in memory, nor queued in the
+    thread pool, whole; each image file once, however many rows name it (VQAv2 asks about five questions per
+    image)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys, problems = [], {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # file checks wait on storage, decoding releases the GIL
+        for chunk in rows.select_columns([column]).iter(batch_size=CHECK_CHUNK_ROWS):
+            values = chunk[column]
+            chunk_keys = [value if isinstance(value, str) else ("row", len(keys) + i) for i, value in enumerate(values)]
+            new = {key: value for key, value in zip(chunk_keys, values) if key not in problems}
+            problems.update(zip(new, pool.map(lambda v: check_image(v, base_dir, decode), new.values())))
+            keys.extend(chunk_keys)
+    return [problems[key] for key in keys]
+
+
 class SkippedSamples:
     """The record of samples left out of a run: counted in the log and listed, one JSON line per sample with
     its split, row (the row number, or for a stream the sample's key), image and reason, in
@@ -550,14 +568,7 @@ class ImageTextDataset(EpochAware, torch.utils.data.Dataset):
         self._init_epoch()
 
     def _usable_rows(self, split: Split, caption_column: str, decode: bool, workers: int) -> tuple[list[int], list[list[str]]]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        image_problems = []
-        with ThreadPoolExecutor(max_workers=workers) as pool:  # file checks wait on storage, not the CPU
-            # A chunk of rows at a time: a column of embedded images (parquet, shards read whole) is never held
-            # in memory whole, nor queued whole in the pool.
-            for chunk in self.images.iter(batch_size=CHECK_CHUNK_ROWS):
-                image_problems.extend(pool.map(lambda v: check_image(v, self.base_dir, decode), chunk[self.image_column]))
+        image_problems = check_images(self.images, self.image_column, self.base_dir, decode, workers)
         rows, captions = [], []
         for row, (value, problem) in enumerate(zip(split.rows[caption_column], image_problems)):
             try:
