@@ -186,12 +186,14 @@ class TrainingLoop:
     "ours": run_clip's dataset, collator, fp32 clip_loss and the Trainer's default fused AdamW, in a plain loop
     that mirrors Trainer.training_step (autocast around the loss, grad clipping at 1.0, logit_scale clamp).
     "baseline": the official example's approach (padded captions, per-sample float transform, the model's own
-    loss, standard AdamW). No data loader workers: the Trainer's default, and the only way to split a step into
-    data and model time.
+    loss, standard AdamW). On CPU, no data loader workers: the Trainer's default, and the only way to split a step
+    into data and model time there. On an accelerator (bench_gpu.py), `num_workers` decode ahead of the step and
+    the data part is the wait for the next batch and its copy to the device.
     """
 
-    def __init__(self, pipeline: str, model, tokenizer, spec: ImageTransformSpec, jsonl: str, batch_size: int, precision: str):
-        self.pipeline, self.model = pipeline, model
+    def __init__(self, pipeline: str, model, tokenizer, spec: ImageTransformSpec, jsonl: str, batch_size: int, precision: str,
+                 device: str = "cpu", num_workers: int = 0, num_samples: int | None = None):
+        self.pipeline, self.model, self.device = pipeline, model, torch.device(device)
         self.ours = pipeline.startswith("ours")  # "ours_full_decode": ours with every JPEG decoded in full (--jpeg_draft false)
         if self.ours:
             dataset = build_our_dataset(jsonl, spec, draft=pipeline == "ours")
@@ -206,12 +208,19 @@ class TrainingLoop:
             dataset = BaselineDataset(read_rows(jsonl), os.path.dirname(jsonl), tokenizer, spec)
             collate = baseline_collate
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        # num_samples beyond the data set's size: several epochs' permutations back to back (bench_gpu's runs).
+        sampler = torch.utils.data.RandomSampler(dataset, num_samples=num_samples, generator=torch.Generator().manual_seed(0))
+        on_accelerator = self.device.type != "cpu"
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
-            collate_fn=collate, drop_last=True, num_workers=0,
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True, num_workers=num_workers,
+            pin_memory=on_accelerator, persistent_workers=num_workers > 0,
         )
         self.batches = iter(loader)
-        self.autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+        device_type = self.device.type
+        self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+        # Accelerator work is asynchronous: each part of a step is timed to its end (the CPU's per-part syncs cost a
+        # few launches' overlap, the same for both pipelines).
+        self.sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
         self.last_batch = None
 
     def loss_of(self, batch: dict) -> torch.Tensor:
@@ -223,12 +232,18 @@ class TrainingLoop:
     def step(self) -> dict:
         cpu0 = time.process_time()  # CPU seconds of all this process's threads: what the step cost, whoever else runs
         t0 = time.perf_counter()
-        batch = self.last_batch = next(self.batches)
+        batch = next(self.batches)
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            self.sync()
+        self.last_batch = batch
         t1 = time.perf_counter()
         with self.autocast():
             loss = self.loss_of(batch)
+        self.sync()
         t2 = time.perf_counter()
         loss.backward()
+        self.sync()
         t3 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
         self.optimizer.step()
@@ -236,6 +251,7 @@ class TrainingLoop:
         if self.ours:  # ClampLogitScaleCallback
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, math.log(100.0))
+        self.sync()
         t4 = time.perf_counter()
         return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3, "cpu": time.process_time() - cpu0,
                 "text_length": int(batch["input_ids"].shape[1]), "loss": loss.item()}
