@@ -191,13 +191,17 @@ class ClipTrainer(StreamLoaderMixin, Trainer):
         inputs = {k: v for k, v in inputs.items() if k != "caption_counts"}
         # The wrapped model's forward (so DDP sees it); its embeds are L2-normalized already.
         outputs = model(**inputs)
-        logit_scale = self.accelerator.unwrap_model(model).logit_scale.exp()
+        temperature = self.accelerator.unwrap_model(model).logit_scale
+        with gathered(temperature):
+            logit_scale = temperature.exp()
         loss = clip_loss(outputs.image_embeds, outputs.text_embeds, logit_scale, gather_distributed=self.model_args.gather_negatives)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:  # the temperature, beside the training loss, in the logs and the curves
-            logs["logit_scale"] = round(self.accelerator.unwrap_model(self.model).logit_scale.detach().float().exp().item(), 4)
+            temperature = self.accelerator.unwrap_model(self.model).logit_scale
+            with gathered(temperature):
+                logs["logit_scale"] = round(temperature.detach().float().exp().item(), 4)
         super().log(logs, start_time)
 
     def create_optimizer(self, model=None):
@@ -314,7 +318,8 @@ class ClipTrainer(StreamLoaderMixin, Trainer):
         """The training loss on (image, first caption) pairs in consecutive blocks of the per-device eval batch
         size, from the gathered embeddings: the same figure for any number of processes."""
         first_caption = text_embeds[torch.cumsum(counts, 0) - counts]
-        scale = model.logit_scale.detach().float().exp().cpu()
+        with gathered(model.logit_scale):
+            scale = model.logit_scale.detach().float().exp().cpu()
         block = self.args.per_device_eval_batch_size
         total = 0.0
         for start in range(0, len(image_embeds), block):
@@ -341,8 +346,31 @@ class ClampLogitScaleCallback(TrainerCallback):
         self.max_log = math.log(max_logit_scale)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, self.max_log)
+        temperature = model.logit_scale
+        with torch.no_grad(), gathered(temperature, modify=True):
+            temperature.clamp_(0, self.max_log)
+        if hasattr(temperature, "ds_id") or hasattr(temperature, "_hp_mapping"):
+            # DeepSpeed steps an fp32 master copy of each parameter and copies it into the model after every step:
+            # clamped only in the model, the temperature would be unclamped again one step later.
+            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+            master = safe_get_full_fp32_param(temperature)
+            if master is not None:
+                safe_set_full_fp32_param(temperature, master.clamp(0, self.max_log))
+
+
+@contextlib.contextmanager
+def gathered(parameter: torch.nn.Parameter, modify: bool = False):
+    """DeepSpeed ZeRO-3 partitions every parameter across processes outside the model's forward, CLIP's 0-d
+    temperature too, which the loss, the logs and the clamp use there: gather it for the block (with `modify`, the
+    changes made on rank 0 are kept on every process). Without ZeRO-3, the parameter is used as it is."""
+    if not hasattr(parameter, "ds_id"):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0 if modify else None):
+        yield
 
 
 def write_gallery(trainer: ClipTrainer, dataset: ImageTextDataset, metrics: dict, path: str, size: int) -> None:
@@ -415,6 +443,41 @@ def checkpoint_towers(model, training_args) -> None:
     logger.info("Activation checkpointing enabled on %s's vision and text towers", type(model).__name__)
 
 
+def answer_input_embeddings(model) -> None:
+    """accelerate's FSDP2 wrapping shards a model's input embeddings as a unit of their own and asks for them with
+    get_input_embeddings(), which CLIPModel and VisionTextDualEncoderModel leave unanswered in transformers 5.23
+    (NotImplementedError: `accelerate launch --config_file configs/accelerate_fsdp.yaml` stopped there on a GPU).
+    Their input tokens are the text tower's, so that tower's token embedding answers."""
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:
+        embeddings = model.text_model.get_input_embeddings()
+        model.get_input_embeddings = lambda: embeddings
+
+
+# DeepSpeed releases that fail on a 0-dimensional parameter, which every dual encoder has (logit_scale): they
+# broadcast each parameter viewed as bytes (`p.data.view(torch.uint8)`), which a 0-d tensor cannot be; ZeRO-2 fails
+# as the engine starts, ZeRO-3 inside from_pretrained. 0.19.7 runs both (checked on an H100).
+BROKEN_DEEPSPEED = ("0.19.8",)
+
+
+def check_deepspeed(training_args) -> None:
+    """Refuse a DeepSpeed release that cannot hold CLIP's temperature before any data or model is loaded."""
+    if not training_args.deepspeed:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("deepspeed")
+    except PackageNotFoundError:
+        return  # the Trainer says DeepSpeed is missing
+    if installed in BROKEN_DEEPSPEED:
+        raise ValueError(
+            f"--deepspeed: DeepSpeed {installed} fails on 0-dimensional parameters such as the model's logit_scale "
+            "(its parameter broadcast views each one as bytes); install another release, e.g. pip install 'deepspeed==0.19.7'."
+        )
+
+
 # --- main ---------------------------------------------------------------------------------------------------
 
 
@@ -422,6 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. Arguments, logging, and the checkpoint to resume from.
     model_args, data_args, run_args, training_args = parse_args((ModelArguments, DataArguments, RunArguments, TrainingArguments), argv)
     resume_from = start_run(training_args, run_args, model_args, data_args)
+    check_deepspeed(training_args)
 
     # 2. Data: every requested split, columns checked before anything heavy happens.
     splits = load_requested_splits(data_args, training_args, model_args.cache_dir, data_args.image_column)
@@ -434,6 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. Model and processor; seeded first, as a dual encoder's projections (or a model from scratch) start at random.
     set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args)
+    answer_input_embeddings(model)
     if model_args.freeze_vision_model:
         freeze(model.vision_model)
     if model_args.freeze_text_model:

@@ -5,6 +5,7 @@ each. Both see the same global batch, so with negatives gathered across processe
 weights must agree to float rounding; with local negatives only they must not.
 """
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -117,3 +118,53 @@ def test_accelerate_launch_runs_the_script_unchanged(assets, one_process_big_bat
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert logged_loss(tmp_path) == pytest.approx(logged_loss(one_process_big_batch), rel=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (.ci/run installs it)")
+@pytest.mark.parametrize("stage,nproc", [(2, 2), (3, 1)])
+def test_deepspeed_zero_takes_the_step_of_one_process(assets, one_process_big_batch, tmp_path, stage, nproc):
+    """ZeRO-2 on 2 processes x 8 and ZeRO-3 on 1 x 16 (DeepSpeed's CPU accelerator) take the step of 1 plain
+    process x 16: global negatives, and under ZeRO-3 the temperature, partitioned outside the forward, gathered for
+    the loss. (ZeRO-3 on 2 CPU processes stops before training: with --use_cpu, accelerate leaves DeepSpeed's own
+    communication uninitialised, so zero.Init counts a world of 1 and rejects the batch size; on GPUs accelerate
+    initialises it.) The saved model loads as a plain CLIPModel."""
+    from transformers import CLIPModel
+
+    update = max_weight_difference(one_process_big_batch, assets["clip"])
+    config = os.path.join(REPO, "configs", f"deepspeed_zero{stage}.json")
+    torchrun(step_args(assets, tmp_path, 16 // nproc, "--deepspeed", config), nproc=nproc)
+    assert logged_loss(tmp_path) == pytest.approx(logged_loss(one_process_big_batch), rel=1e-5)
+    # Compared as loaded: ZeRO-3 saves the state dict under the modules' own names (text_model.text_model.*),
+    # which from_pretrained maps back.
+    plain, zero = CLIPModel.from_pretrained(one_process_big_batch).state_dict(), CLIPModel.from_pretrained(tmp_path).state_dict()
+    assert plain.keys() == zero.keys()
+    assert max((plain[k] - zero[k]).abs().max().item() for k in plain) < 1e-4 * update
+    assert zero["logit_scale"].shape == ()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (.ci/run installs it)")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_keeps_the_temperature_clamped(assets, tmp_path, stage):
+    """DeepSpeed steps an fp32 master copy of every parameter: clamping only the model's copy would be undone at
+    the next step. Started at exp(6.0) = 403, the temperature stays at or under the bound of 100 for 3 steps, in
+    the logs and in the saved model."""
+    config = os.path.join(REPO, "configs", f"deepspeed_zero{stage}.json")
+    clip = assets["clip"]
+    args = step_args(assets, tmp_path, 16, "--deepspeed", config, "--config_name", clip, "--config_overrides", "logit_scale_init_value=6.0",
+                     "--tokenizer_name", clip, "--image_processor_name", clip)
+    args[args.index("--model_name_or_path"):args.index("--model_name_or_path") + 2] = []
+    args[args.index("--max_steps") + 1] = "3"
+    args[args.index("--save_strategy") + 1] = "steps"
+    torchrun([*args, "--save_steps", "3"], nproc=1)
+    history = read_json(os.path.join(tmp_path, "trainer_state.json"))["log_history"]
+    scales = [h["logit_scale"] for h in history if "logit_scale" in h]
+    # Clamped to 100 after the first step, then the loss pulls it down a little; unclamped it would be near 403.
+    assert len(scales) == 3 and scales[0] == pytest.approx(100.0, rel=1e-5), scales
+    assert all(90.0 < scale <= 100.0 * (1 + 1e-5) for scale in scales), scales
+    saved = load_file(os.path.join(tmp_path, "model.safetensors"))["logit_scale"]
+    assert saved.exp().item() == pytest.approx(scales[-1], rel=1e-3)
+    # The master copy in the DeepSpeed checkpoint, what a resumed run starts from, is clamped too.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    master = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "checkpoint-3"))["logit_scale"]
+    assert master.exp().item() == pytest.approx(scales[-1], rel=1e-3)

@@ -306,3 +306,41 @@ def test_torch_compile_trains_as_eager(assets, tmp_path, monkeypatch, regional):
     assert len(losses["eager"]) == 3
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
     assert max_weight_difference(tmp_path / "eager", tmp_path / "compiled") < 1e-5
+
+
+def test_dual_encoders_answer_with_their_text_token_embedding(assets):
+    """accelerate's FSDP2 wrapping asks get_input_embeddings(), which CLIPModel and VisionTextDualEncoderModel leave
+    unanswered in transformers 5.23; a model that answers is left alone."""
+    from transformers import AutoModel, VisionTextDualEncoderModel, ViltConfig, ViltModel
+
+    clip = AutoModel.from_pretrained(assets["clip"])
+    dual = VisionTextDualEncoderModel.from_vision_text_pretrained(assets["vit"], minilm_path())
+    for model in (clip, dual):
+        with pytest.raises(NotImplementedError):
+            model.get_input_embeddings()
+        run_clip.answer_input_embeddings(model)
+        assert model.get_input_embeddings() is model.text_model.get_input_embeddings()
+        assert isinstance(model.get_input_embeddings(), torch.nn.Embedding)
+    vilt = ViltModel(ViltConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    own = vilt.get_input_embeddings()
+    run_clip.answer_input_embeddings(vilt)
+    assert vilt.get_input_embeddings() is own
+
+
+@pytest.mark.parametrize("installed,refused", [("0.19.8", True), ("0.19.7", False), (None, False)])
+def test_deepspeed_release_that_breaks_on_the_temperature_is_refused(monkeypatch, installed, refused):
+    import importlib.metadata
+    from types import SimpleNamespace
+
+    def version(name):
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    run_clip.check_deepspeed(SimpleNamespace(deepspeed=None))  # no --deepspeed: nothing to check
+    if refused:
+        with pytest.raises(ValueError, match=r"DeepSpeed 0\.19\.8 .*logit_scale.*deepspeed==0\.19\.7"):
+            run_clip.check_deepspeed(SimpleNamespace(deepspeed="configs/deepspeed_zero2.json"))
+    else:
+        run_clip.check_deepspeed(SimpleNamespace(deepspeed="configs/deepspeed_zero2.json"))
