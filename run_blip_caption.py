@@ -322,25 +322,49 @@ def image_cross_attention_cache(text_decoder, image_embeds: torch.Tensor, num_be
     return ImageSharedCache(DynamicCache(), DynamicCache(keys_values))
 
 
-def encode_images(model, pixel_values: torch.Tensor) -> torch.Tensor | None:
-    """BLIP: the vision tower's output (B, N, D), computed once per image for the loss and for every beam of
-    generation (the model's own forward and generate would each encode the image). BLIP-2: None (its own
-    forward and generate are used)."""
-    return model.vision_model(pixel_values=pixel_values).last_hidden_state if model.config.model_type == "blip" else None
+def encode_images(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What the text side conditions on, computed once per image for the loss and for every beam of generation (the
+    model's own forward and generate would each encode the image). BLIP: the vision tower's output (B, N, D), which
+    its decoder cross-attends to. BLIP-2: the Q-Former's query outputs projected to the language model (B, Q, D_lm),
+    which take the place of the image tokens (`embed_with_images`)."""
+    if model.config.model_type == "blip":
+        return model.vision_model(pixel_values=pixel_values).last_hidden_state
+    return model.get_image_features(pixel_values=pixel_values).pooler_output
+
+
+def embed_with_images(model, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    """BLIP-2: the language model's embeddings of `input_ids` (B, T, D_lm), the Q image tokens of each row replaced by
+    that image's `image_embeds` (B, Q, D_lm), as Blip2ForConditionalGeneration's forward and generate fill them."""
+    inputs_embeds = model.get_input_embeddings()(input_ids)
+    image_tokens = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    return inputs_embeds.masked_scatter(image_tokens, image_embeds.to(inputs_embeds.dtype))
+
+
+def caption_logits(model, batch: dict, image_embeds: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits (B, T, V) of the batch's captions from images already encoded (`encode_images`): what
+    `model(**batch).logits` gives, without encoding the images again."""
+    text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if model.config.model_type == "blip":
+        return model.text_decoder(**text, encoder_hidden_states=image_embeds).logits
+    inputs_embeds = embed_with_images(model, text["input_ids"], image_embeds)
+    return model.language_model(inputs_embeds=inputs_embeds, attention_mask=text["attention_mask"]).logits
 
 
 @torch.no_grad()
 def generate_captions(model, pixel_values: torch.Tensor, caption_format: CaptionFormat, image_embeds: torch.Tensor | None = None,
                       **generation_kwargs) -> torch.Tensor:
-    """(B, T) caption tokens generated from the images and the prompt only, the prompt left out.
+    """(B, T) caption tokens generated from the images and the prompt only, the prompt left out; the images are
+    encoded here unless `image_embeds` (`encode_images`) is given.
 
     BLIP runs its text decoder's generate itself, as `BlipForConditionalGeneration.generate` does (start token,
-    prompt, stop at [SEP]), but from `image_embeds` when given and with the image's cross-attention keys and values
-    computed once per image (`image_cross_attention_cache`), not once per beam and copied at every step."""
+    prompt, stop at [SEP]), with the image's cross-attention keys and values computed once per image
+    (`image_cross_attention_cache`), not once per beam and copied at every step. BLIP-2 runs its language model's
+    generate itself, as `Blip2ForConditionalGeneration.generate` does, on the prompt's embeddings with the image
+    tokens filled in."""
+    if image_embeds is None:
+        image_embeds = encode_images(model, pixel_values)
     if model.config.model_type == "blip":
         batch_size = len(pixel_values)
-        if image_embeds is None:
-            image_embeds = encode_images(model, pixel_values)
         decoder = model.text_decoder
         input_ids = torch.tensor([caption_format.prefix], device=pixel_values.device).repeat(batch_size, 1)
         num_beams = generation_kwargs.get("num_beams") or decoder.generation_config.num_beams or 1
@@ -356,9 +380,9 @@ def generate_captions(model, pixel_values: torch.Tensor, caption_format: Caption
         )
     else:
         input_ids = caption_format.generate_input_ids(len(pixel_values), pixel_values.device)
-        sequences = model.generate(
-            pixel_values=pixel_values,
-            input_ids=input_ids,
+        sequences = model.language_model.generate(
+            input_ids=input_ids,  # given with inputs_embeds, it comes back in front of the new tokens, as from BLIP-2's generate
+            inputs_embeds=embed_with_images(model, input_ids, image_embeds),
             attention_mask=torch.ones_like(input_ids),
             **dict(caption_format.generate_kwargs),
             **generation_kwargs,
@@ -425,13 +449,8 @@ class CaptionTrainer(StreamLoaderMixin, Trainer):
             batch = self._prepare_inputs(batch)
             index, labels = batch.pop("index"), batch.pop("labels")
             with torch.no_grad(), self.autocast_smart_context_manager():
-                image_embeds = encode_images(model, batch["pixel_values"])  # BLIP: once, for the loss and every beam
-                if image_embeds is not None:
-                    text = {k: v for k, v in batch.items() if k != "pixel_values"}
-                    logits = model.text_decoder(**text, encoder_hidden_states=image_embeds).logits
-                else:
-                    logits = model(**batch).logits
-                loss_sum, count = caption_token_loss(logits, labels)
+                image_embeds = encode_images(model, batch["pixel_values"])  # once, for the loss and every beam
+                loss_sum, count = caption_token_loss(caption_logits(model, batch, image_embeds), labels)
                 tokens = generate_captions(model, batch["pixel_values"], fmt, image_embeds=image_embeds, **self.generation_kwargs)
             tokens = self.accelerator.pad_across_processes(tokens, dim=1, pad_index=fmt.pad_id)
             tokens, index, loss_sum, count = self.accelerator.gather_for_metrics((tokens, index, loss_sum, count))

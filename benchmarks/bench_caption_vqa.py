@@ -8,6 +8,7 @@ Not a test: it writes figures to benchmarks/results.json and a table of BENCHMAR
     python benchmarks/bench_caption_vqa.py --quick                 # caption batch 2, VQA batch 4: ~4 minutes on 2 cores
     python benchmarks/bench_caption_vqa.py --tasks caption         # caption batch 4 (full mode: one task per command,
     python benchmarks/bench_caption_vqa.py --tasks vqa             # VQA 2 batches of 8    each under 10 minutes here)
+    python benchmarks/bench_caption_vqa.py --tasks caption_eval_blip2 --precisions fp32   # BLIP-2 evaluation, before/after
 
 Each (model, precision) runs in its own forked process, the precisions alternating round by round; figures are
 medians over rounds with the load average of each run. Generation is forced to exactly --max_new_tokens tokens
@@ -32,6 +33,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     BertTokenizer,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
     BlipConfig,
     BlipForConditionalGeneration,
     BlipImageProcessor,
@@ -47,6 +50,7 @@ from benchmarks.common import (  # noqa: E402
     load_average,
     markdown_table,
     median,
+    caption_vocabulary,
     now,
     peak_rss_mib,
     replace_markdown_block,
@@ -56,8 +60,16 @@ from benchmarks.common import (  # noqa: E402
     update_results,
     write_image_text_data,
 )
-from run_blip_caption import CaptionCollator, build_caption_format, caption_token_loss, encode_images, generate_captions  # noqa: E402
+from run_blip_caption import (  # noqa: E402
+    CaptionCollator,
+    build_caption_format,
+    caption_logits,
+    caption_token_loss,
+    encode_images,
+    generate_captions,
+)
 from run_vilt_vqa import ViltImageTransform, VQACollator  # noqa: E402
+from utils.demo_caption import build_demo_opt_tokenizer  # noqa: E402
 from utils.images import ImageTransformSpec, build_image_transform, load_image, normalize_pixels  # noqa: E402
 from utils.vqa import soft_score_targets  # noqa: E402
 
@@ -171,16 +183,35 @@ def build_blip(prompt: str):
     return model, tokenizer, spec, build_caption_format(model, tokenizer, prompt)
 
 
-def measure_caption_eval(precision: str, paths: list[str], batch_size: int, rounds: int, num_beams: int, max_new_tokens: int,
-                         prompt: str) -> dict:
+def build_small_blip2(prompt: str):
+    """BLIP-2 with every part at base size, as the default one (ViT-g, 1B parameters) is too slow here: ViT-B/16 at
+    224 px, the default Q-Former (BERT base, 32 queries), OPT-125m's shape (OPTConfig()'s defaults, 50,272 tokens)
+    with BLIP-2 OPT's image token id. The tokenizer has OPT's special ids and each caption word as one token."""
+    tokenizer = build_demo_opt_tokenizer(caption_vocabulary() + prompt.split())
+    config = Blip2Config(
+        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "patch_size": 16},
+        qformer_config={"encoder_hidden_size": 768},
+        text_config={"model_type": "opt", "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        num_query_tokens=32,
+        image_token_index=50265,
+    )
+    model = Blip2ForConditionalGeneration(config)
+    spec = ImageTransformSpec.from_image_processor(BlipImageProcessor(size={"height": 224, "width": 224}))
+    return model, tokenizer, spec, build_caption_format(model, tokenizer, prompt)
+
+
+def measure_caption_eval(model_name: str, precision: str, paths: list[str], batch_size: int, rounds: int, num_beams: int,
+                         max_new_tokens: int, prompt: str) -> dict:
     """run_blip_caption's evaluation of a batch (the teacher-forced loss on a reference, and a generated caption
-    per image) two ways, alternating in one process on the same batch: "own", BLIP's own forward and generate (what
-    the script did before: each encodes the images; generate projects the image's cross-attention keys and values
-    once per beam and copies them at every beam reorder), and "fast", the script's now (the images encoded once for
-    both; the keys and values projected once per image, never reordered). The captions must be equal."""
+    per image) two ways, alternating in one process on the same batch: "own", the model's own forward and generate
+    (what the script did before: each encodes the images; BLIP's generate also projects the image's cross-attention
+    keys and values once per beam and copies them at every beam reorder), and "fast", the script's now (the images
+    encoded once for both: BLIP's vision tower, BLIP-2's vision tower, Q-Former and projection; BLIP's keys and
+    values projected once per image, never reordered). The captions must be equal."""
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    model, tokenizer, spec, fmt = build_blip(prompt)
+    model, tokenizer, spec, fmt = build_blip(prompt) if model_name == "blip" else build_small_blip2(prompt)
     model.eval()
     transform = build_image_transform(spec)
     collator = CaptionCollator(tokenizer, fmt, 40, spec)
@@ -198,14 +229,14 @@ def measure_caption_eval(precision: str, paths: list[str], batch_size: int, roun
         t1 = time.perf_counter()
         input_ids = fmt.generate_input_ids(part, "cpu")
         generated = model.generate(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   **{**settings, "max_new_tokens": tokens, "min_new_tokens": tokens})
+                                   **dict(fmt.generate_kwargs), **{**settings, "max_new_tokens": tokens, "min_new_tokens": tokens})
         return t1 - t0, time.perf_counter() - t1, generated[:, len(fmt.prefix):]
 
     def fast(part, tokens):
         pixel_values = batch["pixel_values"][:part]
         t0 = time.perf_counter()
         image_embeds = encode_images(model, pixel_values)
-        logits = model.text_decoder(**{k: v[:part] for k, v in text.items()}, encoder_hidden_states=image_embeds).logits
+        logits = caption_logits(model, {k: v[:part] for k, v in text.items()}, image_embeds)
         caption_token_loss(logits, labels[:part])
         t1 = time.perf_counter()
         generated = generate_captions(model, pixel_values, fmt, image_embeds=image_embeds,
@@ -317,6 +348,14 @@ def summarize(runs: list[dict], key: str) -> dict:
     return summary
 
 
+# caption_eval tasks: (task, model in the table's title, what the fast path does).
+CAPTION_EVAL_TASKS = (
+    ("caption_eval", "BLIP", "the images encoded once, cross-attention keys and values once per image"),
+    ("caption_eval_blip2", "Small BLIP-2 (ViT-B/16, Q-Former, OPT-125m shape)",
+     "the vision tower, Q-Former and projection once per image, for the loss and generation"),
+)
+
+
 def _commands(entries: dict) -> str:
     """Which command, when and with how many rounds made each precision's row."""
     return "\n".join(f"- {precision}: `{r['command']}`, {r['when']}, {r['settings']['rounds']} round(s)"
@@ -356,16 +395,18 @@ def render_markdown(results: dict) -> str:
                 out.append(f"- {task}: {what}; {s['measured_batches']} measured batch(es) per run, {s['rounds']} rounds; "
                            f"{entry['when']}; `{entry['command']}`")
         out.append("")
-        evaluation = section.get("caption_eval")
-        if evaluation:
+        for task, title, fast in CAPTION_EVAL_TASKS:
+            evaluation = section.get(task)
+            if not evaluation:
+                continue
             rows = [[precision, r["settings"]["batch_size"], f"{r['images_per_s']['own']:.3g}", f"{r['images_per_s']['fast']:.3g}",
                      f"{r['speedup']['median']:.2f}x", " ".join(f"{x:.2f}" for x in r["speedup"]["per_round"]),
                      f"{r['loss_s']['own']:.1f} / {r['loss_s']['fast']:.1f}", f"{r['generate_s']['own']:.1f} / {r['generate_s']['fast']:.1f}",
                      r["same_captions"], r["load_avg_start"][0]] for precision, r in evaluation.items()]
             r = next(iter(evaluation.values()))
-            out.append(f"**BLIP evaluation batch** (teacher-forced loss + {r['settings']['num_beams']}-beam captions of "
-                       f"{r['settings']['max_new_tokens']} tokens; own: BLIP's forward and generate, as the script did before; fast: the "
-                       f"images encoded once, cross-attention keys and values once per image; alternating in one process)\n")
+            out.append(f"**{title} evaluation batch** (teacher-forced loss + {r['settings']['num_beams']}-beam captions of "
+                       f"{r['settings']['max_new_tokens']} tokens; own: the model's forward and generate, as the script did before; "
+                       f"fast: {fast}; alternating in one process)\n")
             out.append(markdown_table(["precision", "batch", "images/s own", "images/s fast", "fast / own", "per round",
                                        "loss part s (own / fast)", "generate part s (own / fast)", "same captions", "load avg"], rows) + "\n")
             out.append(_commands(evaluation))
@@ -390,8 +431,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 2 (caption) / 4 (vqa), one measured batch")
     parser.add_argument("--tasks", default="caption,vqa",
-                        help="caption, vqa (inference speed per precision, each run in its own process), caption_eval (the "
-                             "evaluation's loss + captions, BLIP's own forward and generate vs the script's, alternating), "
+                        help="caption, vqa (inference speed per precision, each run in its own process), caption_eval and "
+                             "caption_eval_blip2 (the evaluation's loss + captions, BLIP's or a small BLIP-2's own forward and "
+                             "generate vs the script's, alternating), "
                              "checkpointing (BLIP and ViLT training step with and without activation checkpointing)")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--rounds", type=int, default=2)
@@ -403,14 +445,15 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     tasks = [t for t in args.tasks.split(",") if t]
     precisions = [p for p in args.precisions.split(",") if p]
-    if set(tasks) - {"caption", "vqa", "caption_eval", "checkpointing"} or set(precisions) - {"fp32", "bf16"}:
-        raise ValueError(f"--tasks {args.tasks!r} / --precisions {args.precisions!r}: expected caption,vqa,caption_eval,checkpointing "
-                         "/ fp32,bf16")
+    if set(tasks) - {"caption", "vqa", "caption_eval", "caption_eval_blip2", "checkpointing"} or set(precisions) - {"fp32", "bf16"}:
+        raise ValueError(f"--tasks {args.tasks!r} / --precisions {args.precisions!r}: expected "
+                         "caption,vqa,caption_eval,caption_eval_blip2,checkpointing / fp32,bf16")
     mode = "quick" if args.quick else "full"
     batches = {
         "caption": {"batch_size": 2 if args.quick else 4, "measured_batches": 1},
         "vqa": {"batch_size": 4 if args.quick else 8, "measured_batches": 1 if args.quick else 2},
         "caption_eval": {"batch_size": 2 if args.quick else 4, "measured_batches": 1},
+        "caption_eval_blip2": {"batch_size": 2 if args.quick else 8, "measured_batches": 1},
         "checkpointing": {"batch_size": 2 if args.quick else 8, "measured_batches": 1},
     }
     machine = describe_machine()
@@ -425,14 +468,14 @@ def main(argv: list[str] | None = None) -> dict:
     stamp = {"command": command_line(), "when": now(), "mode": mode}
     out = {}
     # Alternating within one process, once per precision (merged into what earlier runs stored for other precisions).
-    for task in [t for t in tasks if t in ("caption_eval", "checkpointing")]:
+    for task in [t for t in tasks if t in ("caption_eval", "caption_eval_blip2", "checkpointing")]:
         stored = dict(stored_section("bench_caption_vqa", mode, task))
         for precision in precisions:
-            if task == "caption_eval":
-                result = run_forked(measure_caption_eval, timeout=3000, precision=precision, paths=paths, rounds=args.rounds,
-                                    batch_size=batches[task]["batch_size"], num_beams=args.num_beams,
-                                    max_new_tokens=args.max_new_tokens, prompt=args.prompt)
-                logger.info("caption_eval %s: %s images/s, same captions %s", precision, result["images_per_s"], result["same_captions"])
+            if task != "checkpointing":
+                result = run_forked(measure_caption_eval, timeout=3000, model_name="blip" if task == "caption_eval" else "blip2",
+                                    precision=precision, paths=paths, rounds=args.rounds, batch_size=batches[task]["batch_size"],
+                                    num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, prompt=args.prompt)
+                logger.info("%s %s: %s images/s, same captions %s", task, precision, result["images_per_s"], result["same_captions"])
             else:
                 result = {name: run_forked(measure_checkpointing, timeout=3000, model_name=name, precision=precision, paths=paths,
                                            questions=questions, batch_size=batches[task]["batch_size"], rounds=args.rounds)

@@ -529,3 +529,59 @@ def test_fast_blip_evaluation_equals_blips_own_forward_and_generate(assets, num_
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits["own"][-1][0], logits["own"][-1][-1])  # the images do tell the rows apart
     torch.testing.assert_close(fast_loss, own_loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_fast_blip2_evaluation_equals_blip2s_own_forward_and_generate(assets, num_beams):
+    """BLIP-2's evaluation runs the vision tower, Q-Former and projection once per image and fills the image tokens
+    with their output, for the loss and for generation: the captions, every step's logits and the loss must equal
+    those of Blip2ForConditionalGeneration's own forward and generate (which each encode the images)."""
+    model, processor = load(assets, "blip2")
+    collator = make_collator(model, processor, prompt="a picture of")
+    fmt = collator.caption_format
+    captions = ["a red circle", "a blue square in the top left", "green"]  # padding, as evaluation batches have
+    batch = collator([{"pixel_values": p, "caption": c} for p, c in zip(random_images(3, seed=4), captions)])
+    labels = batch.pop("labels")
+    head = model.get_output_embeddings()
+    logits, vision_runs = {"own": [], "fast": []}, []
+    model.vision_model.register_forward_hook(lambda module, args, output: vision_runs.append(1))
+    settings = {"num_beams": num_beams, "max_new_tokens": 6, "min_new_tokens": 6}
+    with torch.no_grad():
+        handle = head.register_forward_hook(lambda module, args, output: logits["own"].append(output.clone()))
+        input_ids = fmt.generate_input_ids(3, "cpu")  # as generate_captions called BLIP-2's generate before
+        own = model.generate(pixel_values=batch["pixel_values"], input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             **dict(fmt.generate_kwargs), **settings)[:, len(fmt.prefix):]
+        handle.remove()
+        own_loss = rbc.caption_token_loss(model(**batch).logits, labels)
+        own_runs = len(vision_runs)
+        handle = head.register_forward_hook(lambda module, args, output: logits["fast"].append(output.clone()))
+        image_embeds = rbc.encode_images(model, batch["pixel_values"])
+        fast = rbc.generate_captions(model, batch["pixel_values"], fmt, image_embeds=image_embeds, **settings)
+        handle.remove()
+        fast_loss = rbc.caption_token_loss(rbc.caption_logits(model, batch, image_embeds), labels)
+    assert fast.tolist() == own.tolist()
+    assert len(logits["fast"]) == len(logits["own"]) == 6
+    for a, b in zip(logits["own"], logits["fast"]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(logits["own"][-1][0], logits["own"][-1][-1])  # the images do tell the rows apart
+    torch.testing.assert_close(fast_loss[0], own_loss[0], rtol=1e-6, atol=1e-6)
+    assert fast_loss[1].tolist() == own_loss[1].tolist()
+    assert (own_runs, len(vision_runs) - own_runs) == (2, 1)
+
+
+@pytest.mark.parametrize("kind", ["blip", "blip2"])
+def test_evaluation_encodes_each_image_once(assets, tmp_path, monkeypatch, kind):
+    """Through main(): the vision tower runs once per evaluation batch, on that batch's images, for both the loss and
+    the beams of generation (6 validation images in batches of 4)."""
+    batch_sizes = []
+    load_model_and_processor = rbc.load_model_and_processor
+
+    def load_and_count(model_args):
+        model, processor = load_model_and_processor(model_args)
+        model.vision_model.register_forward_hook(lambda module, args, output: batch_sizes.append(len(output.last_hidden_state)))
+        return model, processor
+
+    monkeypatch.setattr(rbc, "load_model_and_processor", load_and_count)
+    metrics = rbc.main(common_args(assets, tmp_path, "--model_name_or_path", assets[kind], "--do_eval", "--num_beams", "3"))
+    assert_finite_metrics(metrics, [f"eval_{k}" for k in CAPTION_METRICS])
+    assert batch_sizes == [4, 2]

@@ -80,14 +80,15 @@ def build_tiny_blip(directory: str, image_size: int = TINY_IMAGE_SIZE, patch_siz
     return model, processor
 
 
-def build_demo_opt_tokenizer():
-    """A byte-level BPE `GPT2Tokenizer` over the demo's words, deterministic (`utils.demo.byte_level_bpe`), with
-    OPT's conventions and ids: `<pad>` 1, `</s>` 2 as bos (prepended to every text) and eos. Words carry their
+def build_demo_opt_tokenizer(words: list[str] | None = None):
+    """A byte-level BPE `GPT2Tokenizer` over `words` (default: the demo's), deterministic (`utils.demo.byte_level_bpe`),
+    with OPT's conventions and ids: `<pad>` 1, `</s>` 2 as bos (prepended to every text) and eos. Words carry their
     leading space ("Ġred") and `add_prefix_space` gives the first word one too, so a caption tokenizes the same
     after a prompt as alone."""
     from transformers import GPT2Tokenizer
 
-    vocab, merges = byte_level_bpe(["\u0120" + word for word in demo_words()], ["<s>", "<pad>", "</s>", "<unk>"])
+    words = demo_words() if words is None else words
+    vocab, merges = byte_level_bpe(["\u0120" + word for word in words], ["<s>", "<pad>", "</s>", "<unk>"])
     return GPT2Tokenizer(
         vocab=vocab, merges=merges, unk_token="<unk>", bos_token="</s>", eos_token="</s>", pad_token="<pad>",
         add_bos_token=True, add_prefix_space=True,
