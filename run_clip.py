@@ -99,6 +99,11 @@ class ModelArguments(ModelSourceArguments):
     vision_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the vision encoder."})
     text_learning_rate: float | None = field(default=None, metadata={"help": "Learning rate of the text encoder."})
     max_logit_scale: float = field(default=100.0, metadata={"help": "Clamp exp(logit_scale) to [1, this] after each step."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2, ... (default: transformers' choice, sdpa where the "
+                          "model has it; but eager when training in bf16 on CPU, where sdpa's backward is the slower one)."},
+    )
     gather_negatives: bool = field(
         default=True, metadata={"help": "With several processes, contrast against the features of every process."}
     )
@@ -443,6 +448,19 @@ def checkpoint_towers(model, training_args) -> None:
     logger.info("Activation checkpointing enabled on %s's vision and text towers", type(model).__name__)
 
 
+def choose_attention(model, model_args, training_args) -> None:
+    """--attn_implementation, or by default transformers' own choice (sdpa for CLIP, ViT and BERT) except in bf16 on
+    CPU: there torch's fused attention backward (_scaled_dot_product_flash_attention_for_cpu_backward) took 15% of a
+    ViT-B/32 training step, and the plain matmul-softmax attention makes the model step 1.24x faster (in fp32, sdpa
+    is the faster, 1.1x). BENCHMARKS.md, "Fast paths". The choice is not saved with the model."""
+    implementation = model_args.attn_implementation
+    if implementation is None and training_args.bf16 and training_args.device.type == "cpu":
+        implementation = "eager"
+    if implementation is not None:
+        model.set_attn_implementation(implementation)
+        logger.info("Attention implementation: %s", implementation)
+
+
 def answer_input_embeddings(model) -> None:
     """accelerate's FSDP2 wrapping shards a model's input embeddings as a unit of their own and asks for them with
     get_input_embeddings(), which CLIPModel and VisionTextDualEncoderModel leave unanswered in transformers 5.23
@@ -498,6 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. Model and processor; seeded first, as a dual encoder's projections (or a model from scratch) start at random.
     set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args)
+    choose_attention(model, model_args, training_args)
     answer_input_embeddings(model)
     if model_args.freeze_vision_model:
         freeze(model.vision_model)

@@ -30,6 +30,7 @@ import random
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,7 +58,7 @@ from benchmarks.common import (  # noqa: E402
     update_results,
     write_image_text_data,
 )
-from run_clip import ClampLogitScaleCallback, ClipCollator, ClipTrainer, ModelArguments  # noqa: E402
+from run_clip import ClampLogitScaleCallback, ClipCollator, ClipTrainer, ModelArguments, choose_attention  # noqa: E402
 from utils.data import ImageTextDataset, load_splits, sample_seed  # noqa: E402
 from utils.images import ImageTransformSpec, build_image_transform, load_image, normalize_pixels  # noqa: E402
 from utils.losses import clip_loss  # noqa: E402
@@ -65,7 +66,8 @@ from utils.retrieval import retrieval_metrics  # noqa: E402
 
 logger = logging.getLogger("bench_clip")
 
-SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval", "compile", "checkpointing", "channels_last")
+SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval", "compile", "checkpointing", "channels_last",
+            "attention")
 # Not run unless asked for (--sections): each compiles or steps the full model for minutes.
 DEFAULT_SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval")
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-5, 0.1, 1.0  # run_clip's README recipe; the Trainer clips at 1.0
@@ -196,6 +198,9 @@ class TrainingLoop:
         self.pipeline, self.model, self.device = pipeline, model, torch.device(device)
         self.ours = pipeline.startswith("ours")  # "ours_full_decode": ours with every JPEG decoded in full (--jpeg_draft false)
         if self.ours:
+            # run_clip's attention choice for this device and precision (eager in bf16 on CPU); the baseline keeps
+            # transformers' default (sdpa), as the example does.
+            choose_attention(model, SimpleNamespace(attn_implementation=None), SimpleNamespace(bf16=precision == "bf16", device=self.device))
             dataset = build_our_dataset(jsonl, spec, draft=pipeline == "ours")
             collate = ClipCollator(tokenizer, 77, spec)
             decay = decay_parameter_names(model)
@@ -779,6 +784,41 @@ def measure_channels_last(layers: int, batch_size: int, rounds: int, precision: 
     }
 
 
+def measure_attention(layers: int, batch_size: int, rounds: int, precision: str) -> dict:
+    """The model step with each attention implementation, alternating in one process on the same weights and
+    batch: transformers' default sdpa (torch's fused CPU kernel, whose backward is _scaled_dot_product_flash_
+    attention_for_cpu_backward), sdpa restricted to torch's math backend, and eager (matmul, softmax, matmul)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, tokenizer = _new_model(layers)
+    batch = caption_batch(tokenizer, batch_size, 23, torch.Generator().manual_seed(0))
+    variants = {"sdpa": ("sdpa", contextlib.nullcontext), "sdpa_math": ("sdpa", lambda: sdpa_kernel([SDPBackend.MATH])),
+                "eager": ("eager", contextlib.nullcontext)}
+    load_start = load_average()
+    seconds, losses = {name: [] for name in variants}, {}
+    for index in range(rounds + 1):  # round 0 warms up every variant
+        for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
+            implementation, context = variants[name]
+            model.set_attn_implementation(implementation)
+            start = time.perf_counter()
+            with context():
+                losses[name] = clip_step(model, batch, precision)
+            if index:
+                seconds[name].append(time.perf_counter() - start)
+    return {
+        "precision": precision,
+        "batch_size": batch_size,
+        "image_tokens": model.vision_model.embeddings.num_positions,
+        "step_s": {name: median(v) for name, v in seconds.items()},
+        "step_s_all": {name: [round(x, 2) for x in v] for name, v in seconds.items()},
+        "eager_speedup": seconds_ratio(seconds["sdpa"], seconds["eager"]),
+        "math_speedup": seconds_ratio(seconds["sdpa"], seconds["sdpa_math"]),
+        "loss": losses,
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
 # --- Input pipeline ----------------------------------------------------------------------------------------
 
 
@@ -1120,6 +1160,16 @@ def _fast_path_tables(sections: dict) -> list[str]:
                                    "conv speedup", "step s, contiguous", "step s, channels-last", "step speedup", "per round",
                                    "load avg"], rows) + "\n")
         out.append(_fast_path_commands(channels_last))
+    attention = sections.get("attention")
+    if attention:
+        rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["image_tokens"], r["step_s"]["sdpa"], r["step_s"]["sdpa_math"],
+                 r["step_s"]["eager"], f"{r['eager_speedup']['median']:.2f}x", " ".join(f"{x:.2f}" for x in r["eager_speedup"]["per_round"]),
+                 r["load_avg_start"][0]] for precision, r in attention.items()]
+        out.append("**Attention implementation** on the model step (sdpa: transformers' default, torch's fused CPU kernel; "
+                   "sdpa math: torch's math backend; eager: matmul, softmax, matmul; alternating on the same weights)\n")
+        out.append(markdown_table(["precision", "model", "batch", "image tokens", "step s, sdpa", "step s, sdpa math", "step s, eager",
+                                   "eager speedup", "per round", "load avg"], rows) + "\n")
+        out.append(_fast_path_commands(attention))
     return out
 
 
@@ -1297,7 +1347,8 @@ def main(argv: list[str] | None = None) -> dict:
         commands = sorted(set(previous.get("commands", [])) | {stamp["command"]})
         out["train"] = {"settings": common, **summarize_training(runs), "runs": runs, "commands": commands, "data": data, **stamp}
         logger.info("ours/baseline: %s", {p: round(v["median"], 2) for p, v in out["train"]["ours_over_baseline"].items()})
-    fast_path_sections = {"compile": measure_compile, "checkpointing": measure_checkpointing, "channels_last": measure_channels_last}
+    fast_path_sections = {"compile": measure_compile, "checkpointing": measure_checkpointing, "channels_last": measure_channels_last,
+                          "attention": measure_attention}
     for section, measure in fast_path_sections.items():
         if section not in sections:
             continue

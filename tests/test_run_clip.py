@@ -344,3 +344,37 @@ def test_deepspeed_release_that_breaks_on_the_temperature_is_refused(monkeypatch
             run_clip.check_deepspeed(SimpleNamespace(deepspeed="configs/deepspeed_zero2.json"))
     else:
         run_clip.check_deepspeed(SimpleNamespace(deepspeed="configs/deepspeed_zero2.json"))
+
+
+@pytest.mark.parametrize("flag,bf16,device,expected", [
+    (None, True, "cpu", "eager"),  # measured: sdpa's CPU backward is the slower one in bf16
+    (None, False, "cpu", "sdpa"),
+    (None, True, "cuda", "sdpa"),
+    ("sdpa", True, "cpu", "sdpa"),  # the flag wins
+    ("eager", False, "cpu", "eager"),
+])
+def test_attention_implementation_by_device_and_precision(assets, flag, bf16, device, expected):
+    from types import SimpleNamespace
+
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(assets["clip"])
+    run_clip.choose_attention(model, SimpleNamespace(attn_implementation=flag), SimpleNamespace(bf16=bf16, device=torch.device(device)))
+    for config in (model.config, model.vision_model.config, model.text_model.config):
+        assert config._attn_implementation == expected
+
+
+def test_eager_attention_takes_the_sdpa_step(assets, tmp_path):
+    """The attention choice changes the kernel, not the step: one fp32 step with each lands on the same weights,
+    and the saved model does not carry the choice."""
+    runs = {}
+    for implementation in ("sdpa", "eager"):
+        out = tmp_path / implementation
+        run_clip.main(["--model_name_or_path", assets["clip"], "--train_file", assets["data"]["train"], "--output_dir", str(out),
+                       "--do_train", "--max_steps", "1", "--per_device_train_batch_size", "16", "--use_cpu", "--report_to", "none",
+                       "--dataloader_num_workers", "0", "--save_strategy", "no", "--attn_implementation", implementation,
+                       "--optim", "sgd", "--learning_rate", "0.1"])  # SGD: Adam's first step is near sign(gradient) for every weight
+        runs[implementation] = out
+        assert "attn_implementation" not in read_json(out / "config.json")
+    update = max_weight_difference(runs["sdpa"], assets["clip"])
+    assert max_weight_difference(runs["sdpa"], runs["eager"]) < 1e-4 * update
