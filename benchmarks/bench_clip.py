@@ -67,7 +67,7 @@ from utils.retrieval import retrieval_metrics  # noqa: E402
 logger = logging.getLogger("bench_clip")
 
 SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval", "compile", "checkpointing", "channels_last",
-            "attention")
+            "attention", "compiled_train")
 # Not run unless asked for (--sections): each compiles or steps the full model for minutes.
 DEFAULT_SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval")
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-5, 0.1, 1.0  # run_clip's README recipe; the Trainer clips at 1.0
@@ -196,12 +196,18 @@ class TrainingLoop:
     def __init__(self, pipeline: str, model, tokenizer, spec: ImageTransformSpec, jsonl: str, batch_size: int, precision: str,
                  device: str = "cpu", num_workers: int = 0, num_samples: int | None = None):
         self.pipeline, self.model, self.device = pipeline, model, torch.device(device)
-        self.ours = pipeline.startswith("ours")  # "ours_full_decode": ours with every JPEG decoded in full (--jpeg_draft false)
+        # "ours_full_decode": ours with every JPEG decoded in full (--jpeg_draft false); "ours_compiled": ours with the
+        # model's layers compiled as --torch_compile does (accelerate's compile_regions)
+        self.ours = pipeline.startswith("ours")
         if self.ours:
             # run_clip's attention choice for this device and precision (eager in bf16 on CPU); the baseline keeps
             # transformers' default (sdpa), as the example does.
             choose_attention(model, SimpleNamespace(attn_implementation=None), SimpleNamespace(bf16=precision == "bf16", device=self.device))
-            dataset = build_our_dataset(jsonl, spec, draft=pipeline == "ours")
+            dataset = build_our_dataset(jsonl, spec, draft=pipeline != "ours_full_decode")
+            if pipeline == "ours_compiled":
+                from accelerate.utils import compile_regions
+
+                self.model = model = compile_regions(model)
             collate = ClipCollator(tokenizer, 77, spec)
             decay = decay_parameter_names(model)
             groups = [
@@ -304,22 +310,26 @@ def measure_training(pipeline: str, precision: str, layers: int, batch_size: int
 
 
 def measure_side_by_side(precision: str, layers: int, batch_size: int, warmup_steps: int, measured_steps: int, jsonl: str,
-                         full_decode: bool = True) -> dict:
+                         full_decode: bool = True, compiled: bool = False) -> dict:
     """Ours and the baseline in one process, identical models, steps alternating (ours, baseline, baseline, ours,
     ...): both see the same load, so their ratio is the least noisy figure a shared machine gives. With
     `full_decode`, a third copy of ours with every JPEG decoded in full (--jpeg_draft false) steps in the rotation
     too: draft decoding's effect on the data part of a training step. Peak RSS here is all of them together;
-    per-pipeline RSS comes from the runs alone."""
+    per-pipeline RSS comes from the runs alone. With `compiled`, the third is ours under --torch_compile (regional)
+    instead, and the warm-up covers its compile and its one recompile when the caption length first changes."""
     transformers.logging.set_verbosity_error()
     tokenizer = build_caption_tokenizer()
     spec = clip_image_spec()
-    pipelines = ["ours", "baseline"] + (["ours_full_decode"] if full_decode else [])
+    pipelines = ["ours", "baseline"] + (["ours_compiled"] if compiled else ["ours_full_decode"] if full_decode else [])
+    if compiled:
+        warmup_steps = max(warmup_steps, 3)
     loops = {}
     for pipeline in pipelines:
         torch.manual_seed(0)
         model = build_model(layers, tokenizer)
         model.train()
-        loops[pipeline] = TrainingLoop(pipeline, model, tokenizer, spec, jsonl, batch_size, precision)
+        loops[pipeline] = TrainingLoop(pipeline, model, tokenizer, spec, jsonl, batch_size, precision,
+                                       num_samples=(warmup_steps + measured_steps) * batch_size)
     start_load = load_average()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     matmul_before = matmul_gflops(dtype)
@@ -341,8 +351,12 @@ def measure_side_by_side(precision: str, layers: int, batch_size: int, warmup_st
         "load_avg_start": start_load,
         "load_avg_end": load_average(),
     }
-    if full_decode:
+    if "ours_full_decode" in summaries:
         result["draft_over_full_decode"] = summaries["ours"]["samples_per_s"] / summaries["ours_full_decode"]["samples_per_s"]
+    if compiled:
+        result["compiled_over_baseline"] = summaries["ours_compiled"]["samples_per_s"] / summaries["baseline"]["samples_per_s"]
+        result["compiled_over_ours"] = summaries["ours_compiled"]["samples_per_s"] / summaries["ours"]["samples_per_s"]
+        result["warmup_steps"] = warmup_steps
     return result
 
 
@@ -1170,6 +1184,16 @@ def _fast_path_tables(sections: dict) -> list[str]:
         out.append(markdown_table(["precision", "model", "batch", "image tokens", "step s, sdpa", "step s, sdpa math", "step s, eager",
                                    "eager speedup", "per round", "load avg"], rows) + "\n")
         out.append(_fast_path_commands(attention))
+    compiled = sections.get("compiled_train")
+    if compiled:
+        rows = [[precision, _layers_note(r["layers"]), f"{r['ours']['samples_per_s']:.2f}", f"{r['ours_compiled']['samples_per_s']:.2f}",
+                 f"{r['baseline']['samples_per_s']:.2f}", f"{r['ours_over_baseline']:.2f}x", f"{r['compiled_over_baseline']:.2f}x",
+                 f"{r['compiled_over_ours']:.2f}x", r["warmup_steps"], r["load_avg_start"][0]] for precision, r in compiled.items()]
+        out.append("**Training with `--torch_compile`** (regional): ours, ours compiled and the baseline stepping in turn in one "
+                   "process, batch 32; the warm-up covers the compile and the recompile at the first new caption length\n")
+        out.append(markdown_table(["precision", "model", "ours samples/s", "ours compiled", "baseline", "ours / baseline",
+                                   "compiled / baseline", "compiled / ours", "warm-up steps", "load avg"], rows) + "\n")
+        out.append(_fast_path_commands(compiled))
     return out
 
 
@@ -1369,6 +1393,15 @@ def main(argv: list[str] | None = None) -> dict:
                 logger.info("%s %s: %s", section, precision, {k: v for k, v in result.items() if k.endswith(("_s", "mib", "speedup", "ms"))})
             store_keeping_earlier(stored, precision, {**result, "layers": settings["layers"], **stamp})
         out[section] = stored
+    if "compiled_train" in sections:  # ours, the baseline and ours under --torch_compile, side by side
+        stored = dict(stored_section("bench_clip", mode, "compiled_train"))
+        common = {key: settings[key] for key in ("layers", "batch_size", "warmup_steps", "measured_steps")}
+        for precision in precisions:
+            result = run_forked(measure_side_by_side, timeout=3000, precision=precision, jsonl=data["jsonl"], compiled=True, **common)
+            logger.info("compiled_train %s: ours/baseline %.2fx, compiled/baseline %.2fx", precision, result["ours_over_baseline"],
+                        result["compiled_over_baseline"])
+            store_keeping_earlier(stored, precision, {**result, "layers": settings["layers"], **stamp})
+        out["compiled_train"] = stored
     if "retrieval" in sections:
         runs = []
         for chunk_size in (1024, 256):

@@ -119,15 +119,11 @@ def measure_run(pipeline: str, precision: str, num_workers: int, device: torch.d
     model = build_model(settings["layers"], tokenizer).to(device)
     model.train()
     compile_s = None
-    if compiled:
-        from accelerate.utils import compile_regions
-
-        model = compile_regions(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     steps_total = settings["warmup_steps"] + settings["measured_steps"]
-    loop = TrainingLoop("ours" if compiled else pipeline.replace("_workers", ""), model, tokenizer, clip_image_spec(), jsonl,
+    loop = TrainingLoop(pipeline.replace("_workers", ""), model, tokenizer, clip_image_spec(), jsonl,
                         settings["batch_size"], precision, device=str(device), num_workers=num_workers,
                         num_samples=steps_total * settings["batch_size"])
     t0 = time.perf_counter()

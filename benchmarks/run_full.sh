@@ -27,5 +27,6 @@ timeout 3600 python benchmarks/bench_clip.py --sections compile --precisions bf1
 $clip --sections checkpointing --precisions fp32
 $clip --sections channels_last --precisions bf16
 $clip --sections attention --precisions bf16,fp32 --rounds 3
+$clip --sections compiled_train --precisions fp32,bf16
 timeout 1200 python benchmarks/bench_caption_vqa.py --tasks caption_eval --precisions fp32,bf16
 timeout 1200 python benchmarks/bench_caption_vqa.py --tasks checkpointing --precisions fp32
