@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torchvision.io import ImageReadMode, read_image  # noqa: E402
 from torchvision.transforms import CenterCrop, ConvertImageDtype, InterpolationMode, Normalize, Resize  # noqa: E402
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, TrainerCallback, TrainingArguments  # noqa: E402
@@ -67,7 +69,7 @@ from utils.retrieval import retrieval_metrics  # noqa: E402
 logger = logging.getLogger("bench_clip")
 
 SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval", "compile", "checkpointing", "channels_last",
-            "attention", "compiled_train")
+            "attention", "compiled_train", "matmul_share")
 # Not run unless asked for (--sections): each compiles or steps the full model for minutes.
 DEFAULT_SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval")
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-5, 0.1, 1.0  # run_clip's README recipe; the Trainer clips at 1.0
@@ -358,6 +360,124 @@ def measure_side_by_side(precision: str, layers: int, batch_size: int, warmup_st
         result["compiled_over_ours"] = summaries["ours_compiled"]["samples_per_s"] / summaries["ours"]["samples_per_s"]
         result["warmup_steps"] = warmup_steps
     return result
+
+
+# --- Where a training step's time goes: matrix multiplications against the rest ---------------------------------
+
+MATMUL_OPS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm)
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Notes every matrix multiplication dispatched under it (after autograd and autocast: the kernels that run,
+    backward's included), as (op, operands as (shape, stride, dtype), other arguments), so that they can be run
+    again alone with the same shapes, layouts and dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in MATMUL_OPS:
+            self.calls.append((func, tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args),
+                               dict(kwargs)))
+        return func(*args, **kwargs)
+
+
+def matmul_flops(calls: list) -> int:
+    total = 0
+    for func, args, _ in calls:
+        a, b = args[-2][0], args[-1][0]  # (m, k) @ (k, n), batched or not
+        total += 2 * math.prod(a) * b[-1]
+    return total
+
+
+def replay_matmuls(calls: list, operands: dict) -> float:
+    """Seconds to run `calls` back to back on operands of the recorded shapes, strides and dtypes (random values,
+    one tensor per distinct operand, kept in `operands` across replays; each output freshly allocated, as in a
+    step). The matrix multiplications' time at the rate this machine gives them alone."""
+    def operand(spec):
+        if spec not in operands:
+            shape, stride, dtype = spec
+            operands[spec] = torch.empty_strided(shape, stride, dtype=dtype).normal_()
+        return operands[spec]
+
+    ready = [(func, [operand(a) if isinstance(a, tuple) and len(a) == 3 and isinstance(a[2], torch.dtype) else a for a in args], kwargs)
+             for func, args, kwargs in calls]
+    start = time.perf_counter()
+    for func, args, kwargs in ready:
+        func(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def measure_matmul_share(precision: str, layers: int, batch_size: int, warmup_steps: int, measured_steps: int, jsonl: str) -> dict:
+    """Ours and the baseline stepping in turn in one process (as measure_side_by_side), each step timed whole;
+    then each measured step's batch goes through forward + backward again under MatmulRecorder, and its matrix
+    multiplications are replayed alone, the pipelines alternating. A step's time less its matmuls' replay time is
+    what the step spends outside matrix multiplications: elementwise work, attention, the optimizer, data,
+    allocation, Python. It tells how far a pipeline could go by making everything but the matmuls cheaper: the
+    ratio ours / baseline if ours spent nothing outside its matmuls, and what ours could spend there at 2x."""
+    transformers.logging.set_verbosity_error()
+    tokenizer = build_caption_tokenizer()
+    spec = clip_image_spec()
+    pipelines = ("ours", "baseline")
+    loops = {}
+    for pipeline in pipelines:
+        torch.manual_seed(0)
+        model = build_model(layers, tokenizer)
+        model.train()
+        loops[pipeline] = TrainingLoop(pipeline, model, tokenizer, spec, jsonl, batch_size, precision,
+                                       num_samples=(warmup_steps + measured_steps) * batch_size)
+    start_load = load_average()
+    steps = {p: [] for p in pipelines}
+    calls = {p: [] for p in pipelines}
+    for index in range(warmup_steps + measured_steps):
+        for pipeline in (pipelines if index % 2 == 0 else pipelines[::-1]):
+            loop = loops[pipeline]
+            step = loop.step()
+            if index < warmup_steps:
+                continue
+            steps[pipeline].append(sum(step[part] for part in ("data", "forward", "backward", "optimizer")))
+            recorder = MatmulRecorder()
+            with recorder:
+                with loop.autocast():
+                    loss = loop.loss_of(loop.last_batch)
+                loss.backward()
+            loop.model.zero_grad(set_to_none=True)
+            calls[pipeline].append(recorder.calls)
+    loops.clear()  # the models' and optimizers' memory back before the replays
+    gc.collect()
+    replay = {p: [] for p in pipelines}
+    operands = {}
+    replay_matmuls(calls["ours"][0], operands)  # warm-up: MKL/oneDNN's first calls
+    for index in range(measured_steps):
+        for pipeline in (pipelines if index % 2 == 0 else pipelines[::-1]):
+            replay[pipeline].append(replay_matmuls(calls[pipeline][index], operands))
+    results = {}
+    for pipeline in pipelines:
+        step_s, matmul_s = median(steps[pipeline]), median(replay[pipeline])
+        gflop = [matmul_flops(c) / 1e9 for c in calls[pipeline]]
+        results[pipeline] = {
+            "step_s": step_s, "step_s_all": [round(s, 3) for s in steps[pipeline]],
+            "matmul_s": matmul_s, "matmul_s_all": [round(s, 3) for s in replay[pipeline]],
+            "outside_matmul_s": step_s - matmul_s, "matmul_share": matmul_s / step_s,
+            "matmul_calls": len(calls[pipeline][-1]), "matmul_gflop": median(gflop),
+            "matmul_gflops": median([f / s for f, s in zip(gflop, replay[pipeline])]),
+        }
+    ours, baseline = results["ours"], results["baseline"]
+    return {
+        **results,
+        "precision": precision,
+        "batch_size": batch_size,
+        "measured_steps": measured_steps,
+        "ours_over_baseline": baseline["step_s"] / ours["step_s"],
+        # if ours spent no time outside its matrix multiplications
+        "ceiling_over_baseline": baseline["step_s"] / ours["matmul_s"],
+        # what ours may spend outside its matrix multiplications for a step half the baseline's
+        "ours_outside_matmul_at_2x_s": baseline["step_s"] / 2 - ours["matmul_s"],
+        "load_avg_start": start_load,
+        "load_avg_end": load_average(),
+    }
 
 
 def count_step_flops(model, batch: dict, loss_of, autocast, rows: int = 2) -> dict:
@@ -1194,6 +1314,20 @@ def _fast_path_tables(sections: dict) -> list[str]:
         out.append(markdown_table(["precision", "model", "ours samples/s", "ours compiled", "baseline", "ours / baseline",
                                    "compiled / baseline", "compiled / ours", "warm-up steps", "load avg"], rows) + "\n")
         out.append(_fast_path_commands(compiled))
+    share = sections.get("matmul_share")
+    if share:
+        rows = [[precision, _layers_note(r["layers"]), pipeline, r[pipeline]["step_s"], r[pipeline]["matmul_s"], r[pipeline]["outside_matmul_s"],
+                 f"{100 * r[pipeline]['matmul_share']:.0f}%", f"{r[pipeline]['matmul_gflop']:.0f}", f"{r[pipeline]['matmul_gflops']:.0f}",
+                 f"{r['ours_over_baseline']:.2f}x", f"{r['ceiling_over_baseline']:.2f}x", f"{r['ours_outside_matmul_at_2x_s']:.2f}",
+                 r["load_avg_start"][0]]
+                for precision, r in share.items() for pipeline in ("ours", "baseline")]
+        out.append("**Matrix multiplications in a training step**: ours and the baseline stepping in turn (whole steps timed), then "
+                   "each measured step's matmuls (mm, addmm, bmm, baddbmm as dispatched, backward's included) replayed alone on "
+                   "operands of the same shapes, layouts and dtypes; outside = step - matmuls. The ceiling is ours / baseline if "
+                   "ours spent nothing outside its matmuls; the last column, what ours may spend there for 2x\n")
+        out.append(markdown_table(["precision", "model", "pipeline", "step s", "matmuls s", "outside s", "matmul share", "matmul GFLOP",
+                                   "matmul GFLOP/s", "ours / baseline", "ceiling", "ours outside at 2x, s", "load avg"], rows) + "\n")
+        out.append(_fast_path_commands(share))
     return out
 
 
@@ -1402,6 +1536,16 @@ def main(argv: list[str] | None = None) -> dict:
                         result["compiled_over_baseline"])
             store_keeping_earlier(stored, precision, {**result, "layers": settings["layers"], **stamp})
         out["compiled_train"] = stored
+    if "matmul_share" in sections:  # ours and the baseline side by side, their matrix multiplications replayed alone
+        stored = dict(stored_section("bench_clip", mode, "matmul_share"))
+        common = {key: settings[key] for key in ("layers", "batch_size", "warmup_steps", "measured_steps")}
+        for precision in precisions:
+            result = run_forked(measure_matmul_share, timeout=3000, precision=precision, jsonl=data["jsonl"], **common)
+            logger.info("matmul_share %s: matmuls %.0f%% of ours, %.0f%% of the baseline; ours/baseline %.2fx, %.2fx if ours spent "
+                        "nothing outside its matmuls", precision, 100 * result["ours"]["matmul_share"],
+                        100 * result["baseline"]["matmul_share"], result["ours_over_baseline"], result["ceiling_over_baseline"])
+            store_keeping_earlier(stored, precision, {**result, "layers": settings["layers"], **stamp})
+        out["matmul_share"] = stored
     if "retrieval" in sections:
         runs = []
         for chunk_size in (1024, 256):
