@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import logging
 import math
 import os
@@ -413,7 +412,7 @@ def replay_matmuls(calls: list, operands: dict) -> float:
 def measure_matmul_share(precision: str, layers: int, batch_size: int, warmup_steps: int, measured_steps: int, jsonl: str) -> dict:
     """Ours and the baseline stepping in turn in one process (as measure_side_by_side), each step timed whole;
     then each measured step's batch goes through forward + backward again under MatmulRecorder, and its matrix
-    multiplications are replayed alone, the pipelines alternating. A step's time less its matmuls' replay time is
+    multiplications are replayed alone right after the steps. A step's time less its matmuls' replay time is
     what the step spends outside matrix multiplications: elementwise work, attention, the optimizer, data,
     allocation, Python. It tells how far a pipeline could go by making everything but the matmuls cheaper: the
     ratio ours / baseline if ours spent nothing outside its matmuls, and what ours could spend there at 2x."""
@@ -429,14 +428,13 @@ def measure_matmul_share(precision: str, layers: int, batch_size: int, warmup_st
         loops[pipeline] = TrainingLoop(pipeline, model, tokenizer, spec, jsonl, batch_size, precision,
                                        num_samples=(warmup_steps + measured_steps) * batch_size)
     start_load = load_average()
-    steps = {p: [] for p in pipelines}
-    calls = {p: [] for p in pipelines}
+    steps, calls, replay = ({p: [] for p in pipelines} for _ in range(3))
+    operands = {}
     for index in range(warmup_steps + measured_steps):
-        for pipeline in (pipelines if index % 2 == 0 else pipelines[::-1]):
+        order = pipelines if index % 2 == 0 else pipelines[::-1]
+        for pipeline in order:
             loop = loops[pipeline]
             step = loop.step()
-            if index < warmup_steps:
-                continue
             steps[pipeline].append(sum(step[part] for part in ("data", "forward", "backward", "optimizer")))
             recorder = MatmulRecorder()
             with recorder:
@@ -445,14 +443,11 @@ def measure_matmul_share(precision: str, layers: int, batch_size: int, warmup_st
                 loss.backward()
             loop.model.zero_grad(set_to_none=True)
             calls[pipeline].append(recorder.calls)
-    loops.clear()  # the models' and optimizers' memory back before the replays
-    gc.collect()
-    replay = {p: [] for p in pipelines}
-    operands = {}
-    replay_matmuls(calls["ours"][0], operands)  # warm-up: MKL/oneDNN's first calls
-    for index in range(measured_steps):
-        for pipeline in (pipelines if index % 2 == 0 else pipelines[::-1]):
-            replay[pipeline].append(replay_matmuls(calls[pipeline][index], operands))
+        for pipeline in order:  # right after the steps, under the load they saw
+            replay[pipeline].append(replay_matmuls(calls[pipeline][-1], operands))
+    for collected in (steps, calls, replay):
+        for pipeline in pipelines:
+            del collected[pipeline][:warmup_steps]  # a warm-up replay also takes MKL/oneDNN's first calls
     results = {}
     for pipeline in pipelines:
         step_s, matmul_s = median(steps[pipeline]), median(replay[pipeline])
