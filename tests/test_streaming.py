@@ -116,6 +116,27 @@ def test_shards_load_as_the_scripts_columns(assets, streaming):
         assert first["image"]["bytes"] == assets["train_samples"][index][0]
 
 
+def test_each_sample_keeps_the_types_it_was_written_with(assets, tmp_path):
+    """The webdataset builder types each .json key from the first five samples: a later caption written as a
+    string must stay one caption (not become a list of its characters), and a later caption that is a number must
+    be skipped by name (not stop the run, nor be cast)."""
+    samples = [list(s) for s in assets["train_samples"][:8]]
+    samples[6][1] = {**samples[6][1], "captions": "#6 a caption on its own"}
+    samples[7][1] = {**samples[7][1], "captions": 7}
+    folder = write_shards(tmp_path / "mixed", samples, per_shard=8)
+    for streaming in (False, True):
+        rows = {int(r["__key__"]): r for r in load_splits(data_files={"train": folder}, streaming=streaming)["train"].rows}
+        assert rows[0]["captions"] == samples[0][1]["captions"]
+        assert rows[6]["captions"] == "#6 a caption on its own"
+        assert rows[7]["captions"] == 7
+    log = SkippedSamples(str(tmp_path / "skipped_samples.jsonl"))
+    one_pass = take(stream(folder, skip_log=log, max_bad_fraction=0.2), 8)[:7]  # the 8th: the next pass's first
+    assert sorted(numbers(one_pass)) == list(range(7))
+    assert next(s["caption"] for s in one_pass if s["caption"].startswith("#6 ")) == "#6 a caption on its own"
+    skipped = [json.loads(line) for line in open(log.path)]
+    assert [r["row"] for r in skipped] == ["shard-000.tar/000007"] and "int" in skipped[0]["reason"]
+
+
 def test_streaming_needs_max_steps(assets, tmp_path):
     args = ["--model_name_or_path", assets["clip"], "--train_file", assets["train4"], "--output_dir", str(tmp_path),
             "--do_train", "--streaming", "--use_cpu", "--report_to", "none"]

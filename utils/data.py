@@ -201,6 +201,21 @@ def webdataset_columns(rows):
                     remove_columns=[json_field, *renames] if json_field else list(renames), features=datasets.Features(columns))
 
 
+def load_webdataset(shards: list[str], cache_dir: str | None, streaming: bool):
+    """Webdataset shards as rows, each .json key typed as `datasets.Json`: every sample keeps the types it was
+    written with, and the scripts' row checks judge each one (a bad one is skipped by name). Left to infer them,
+    the builder would type each key from the first five samples and cast every later sample to that type: a caption
+    written as a string where those held lists would train as a list of its characters. Whole (map-style), the
+    shards are copied into the datasets cache once; streamed, they are read in place."""
+    inferred = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", streaming=True).features
+    features = datasets.Features({
+        name: {key: datasets.Json() for key in feature} if name in WEBDATASET_JSON_FIELDS and isinstance(feature, dict) else feature
+        for name, feature in inferred.items()
+    })
+    return datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", cache_dir=cache_dir, streaming=streaming,
+                                 features=features)
+
+
 def is_webdataset(rows) -> bool:
     return rows.features is not None and {"__key__", "__url__"} <= set(rows.features)
 
@@ -215,9 +230,7 @@ def _lift_webdataset_fields(row: dict, json_field: str | None, renames: dict[str
 def _load_local(path: str, cache_dir: str | None, streaming: bool = False) -> Split:
     shards = find_shards(path)
     if shards is not None:
-        # Whole (map-style), the shards are copied into the datasets cache once; streamed, they are read in place.
-        rows = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", cache_dir=cache_dir, streaming=streaming)
-        return Split(rows, os.path.dirname(shards[0]), path)
+        return Split(load_webdataset(shards, cache_dir, streaming), os.path.dirname(shards[0]), path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     path = os.path.abspath(path)
