@@ -8,6 +8,7 @@ the captions, a question and ten answers), each caption tagged with its sample n
 samples it holds."""
 
 import io
+import itertools
 import json
 import os
 import socket
@@ -124,8 +125,9 @@ def test_each_sample_keeps_the_types_it_was_written_with(assets, tmp_path):
     samples[6][1] = {**samples[6][1], "captions": "#6 a caption on its own"}
     samples[7][1] = {**samples[7][1], "captions": 7}
     folder = write_shards(tmp_path / "mixed", samples, per_shard=8)
-    for streaming in (False, True):
-        rows = {int(r["__key__"]): r for r in load_splits(data_files={"train": folder}, streaming=streaming)["train"].rows}
+    # as a local file, and as a data set by name (the Hub's road: datasets reads a folder as a repository)
+    for source, streaming in itertools.product(({"data_files": {"train": folder}}, {"dataset_name": folder}), (False, True)):
+        rows = {int(r["__key__"]): r for r in load_splits(**source, streaming=streaming)["train"].rows}
         assert rows[0]["captions"] == samples[0][1]["captions"]
         assert rows[6]["captions"] == "#6 a caption on its own"
         assert rows[7]["captions"] == 7

@@ -71,7 +71,7 @@ def load_splits(
     data_files = {k: v for k, v in (data_files or {}).items() if v}
     splits: dict[str, Split] = {}
     if dataset_name:
-        hub = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, streaming=streaming)
+        hub = load_hub(dataset_name, dataset_config_name, cache_dir, streaming)
         for split, aliases in SPLIT_ALIASES.items():
             found = next((a for a in aliases if a in hub), None)
             if found is not None:
@@ -208,12 +208,30 @@ def load_webdataset(shards: list[str], cache_dir: str | None, streaming: bool):
     written as a string where those held lists would train as a list of its characters. Whole (map-style), the
     shards are copied into the datasets cache once; streamed, they are read in place."""
     inferred = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", streaming=True).features
-    features = datasets.Features({
-        name: {key: datasets.Json() for key in feature} if name in WEBDATASET_JSON_FIELDS and isinstance(feature, dict) else feature
-        for name, feature in inferred.items()
-    })
     return datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", cache_dir=cache_dir, streaming=streaming,
-                                 features=features)
+                                 features=json_typed(inferred))
+
+
+def load_hub(name: str, config: str | None, cache_dir: str | None, streaming: bool):
+    """A Hub data set's splits; one in webdataset shards gets each .json key typed as `datasets.Json`, as local
+    shards do (`load_webdataset`): its features are looked up first from a stream, which reads a few samples."""
+    try:
+        probe = datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=True)
+    except Exception:  # noqa: BLE001 - a data set that cannot stream is loaded as it always was (and raises there)
+        return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming)
+    first = next(iter(probe.values()), None)
+    if first is None or first.features is None or not is_webdataset(first):
+        return probe if streaming else datasets.load_dataset(name, config, cache_dir=cache_dir)
+    return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming, features=json_typed(first.features))
+
+
+def json_typed(features: datasets.Features) -> datasets.Features:
+    """Webdataset features with each key of the samples' .json typed as `datasets.Json` (stored as JSON text,
+    read back as written), instead of the type inferred from the first samples."""
+    return datasets.Features({
+        name: {key: datasets.Json() for key in feature} if name in WEBDATASET_JSON_FIELDS and isinstance(feature, dict) else feature
+        for name, feature in features.items()
+    })
 
 
 def is_webdataset(rows) -> bool:
