@@ -310,6 +310,20 @@ def measure_training(pipeline: str, precision: str, layers: int, batch_size: int
     return result
 
 
+def build_loops(pipelines, precision: str, layers: int, batch_size: int, steps: int, jsonl: str) -> dict:
+    """A TrainingLoop per pipeline, each around its own model built from the same seed, with `steps` batches."""
+    transformers.logging.set_verbosity_error()
+    tokenizer = build_caption_tokenizer()
+    spec = clip_image_spec()
+    loops = {}
+    for pipeline in pipelines:
+        torch.manual_seed(0)
+        model = build_model(layers, tokenizer)
+        model.train()
+        loops[pipeline] = TrainingLoop(pipeline, model, tokenizer, spec, jsonl, batch_size, precision, num_samples=steps * batch_size)
+    return loops
+
+
 def measure_side_by_side(precision: str, layers: int, batch_size: int, warmup_steps: int, measured_steps: int, jsonl: str,
                          full_decode: bool = True, compiled: bool = False) -> dict:
     """Ours and the baseline in one process, identical models, steps alternating (ours, baseline, baseline, ours,
@@ -318,19 +332,10 @@ def measure_side_by_side(precision: str, layers: int, batch_size: int, warmup_st
     too: draft decoding's effect on the data part of a training step. Peak RSS here is all of them together;
     per-pipeline RSS comes from the runs alone. With `compiled`, the third is ours under --torch_compile (regional)
     instead, and the warm-up covers its compile and its one recompile when the caption length first changes."""
-    transformers.logging.set_verbosity_error()
-    tokenizer = build_caption_tokenizer()
-    spec = clip_image_spec()
     pipelines = ["ours", "baseline"] + (["ours_compiled"] if compiled else ["ours_full_decode"] if full_decode else [])
     if compiled:
         warmup_steps = max(warmup_steps, 3)
-    loops = {}
-    for pipeline in pipelines:
-        torch.manual_seed(0)
-        model = build_model(layers, tokenizer)
-        model.train()
-        loops[pipeline] = TrainingLoop(pipeline, model, tokenizer, spec, jsonl, batch_size, precision,
-                                       num_samples=(warmup_steps + measured_steps) * batch_size)
+    loops = build_loops(pipelines, precision, layers, batch_size, warmup_steps + measured_steps, jsonl)
     start_load = load_average()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     matmul_before = matmul_gflops(dtype)
@@ -416,17 +421,8 @@ def measure_matmul_share(precision: str, layers: int, batch_size: int, warmup_st
     what the step spends outside matrix multiplications: elementwise work, attention, the optimizer, data,
     allocation, Python. It tells how far a pipeline could go by making everything but the matmuls cheaper: the
     ratio ours / baseline if ours spent nothing outside its matmuls, and what ours could spend there at 2x."""
-    transformers.logging.set_verbosity_error()
-    tokenizer = build_caption_tokenizer()
-    spec = clip_image_spec()
     pipelines = ("ours", "baseline")
-    loops = {}
-    for pipeline in pipelines:
-        torch.manual_seed(0)
-        model = build_model(layers, tokenizer)
-        model.train()
-        loops[pipeline] = TrainingLoop(pipeline, model, tokenizer, spec, jsonl, batch_size, precision,
-                                       num_samples=(warmup_steps + measured_steps) * batch_size)
+    loops = build_loops(pipelines, precision, layers, batch_size, warmup_steps + measured_steps, jsonl)
     start_load = load_average()
     steps, calls, replay = ({p: [] for p in pipelines} for _ in range(3))
     operands = {}
