@@ -67,15 +67,34 @@ def test_jsonl_and_json_with_lists_of_captions(folder):
         assert dataset[1]["pixel_values"][1].float().mean() > 100  # green
 
 
-def test_image_folder_with_metadata_and_decoded_image_feature(folder):
-    with open(folder / "images" / "metadata.jsonl", "w") as f:
-        for i, r in enumerate(rows()):
-            f.write(json.dumps({"file_name": f"{i}.png", "caption": r["caption"]}) + "\n")
-    split = load_one(folder / "images", image_column="image")
-    assert isinstance(split.rows.features["image"], datasets.Image)
-    dataset = as_dataset(split)
-    assert sorted(c[0] for c in dataset.captions) == ["NA", "a blue box", "null"]
-    assert dataset[0]["pixel_values"].shape == (3, 16, 16)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_image_folder_metadata_reads_as_its_file_does(folder, streaming):
+    """An image folder's metadata.jsonl keeps each row's types (a caption string in one row, a list in another) and
+    its metadata.csv keeps "NA" and "null" as captions, as the same files do on their own; `file_name` becomes the
+    image column, relative to the folder."""
+    images = folder / "images"
+    captions = ["NA", ["null", "a green box"], "a blue box"]
+    with open(images / "metadata.jsonl", "w") as f:
+        for i, caption in enumerate(captions):
+            f.write(json.dumps({"file_name": f"{i}.png", "caption": caption}) + "\n")
+    split = load_one(images, streaming=streaming)
+    assert [r["image"] for r in split.rows] == ["0.png", "1.png", "2.png"]
+    assert [r["caption"] for r in split.rows] == captions
+    if not streaming:
+        dataset = as_dataset(split)
+        assert dataset.captions == [["NA"], ["null", "a green box"], ["a blue box"]]
+        assert dataset[1]["pixel_values"][1].float().mean() > 100  # green
+    os.remove(images / "metadata.jsonl")
+    (images / "metadata.csv").write_text("file_name,caption\n0.png,NA\n1.png,null\n2.png,a blue box\n")
+    split = load_one(images, streaming=streaming)
+    assert [r["caption"] for r in split.rows] == ["NA", "null", "a blue box"]
+    assert [r["image"] for r in split.rows] == ["0.png", "1.png", "2.png"]
+
+
+def test_image_folder_metadata_needs_file_name(folder):
+    (folder / "images" / "metadata.jsonl").write_text(json.dumps({"path": "0.png", "caption": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"metadata.jsonl: an image folder's metadata names each row's image in a 'file_name' column"):
+        load_one(folder / "images")
 
 
 def test_parquet_with_embedded_image_bytes(folder, tmp_path):

@@ -32,6 +32,7 @@ SHARD_EXTENSION = ".tar"
 # A webdataset sample is the files that share a key (000123.jpg, 000123.json); these become the scripts' columns.
 WEBDATASET_TEXT_FIELDS = ("txt", "text")
 WEBDATASET_JSON_FIELDS = ("json", "jsn")
+IMAGE_FOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 
@@ -253,6 +254,9 @@ def _load_local(path: str, cache_dir: str | None, streaming: bool = False) -> Sp
         raise FileNotFoundError(f"data file {path!r} does not exist")
     path = os.path.abspath(path)
     if os.path.isdir(path):
+        metadata = next((os.path.join(path, name) for name in IMAGE_FOLDER_METADATA if os.path.isfile(os.path.join(path, name))), None)
+        if metadata is not None:
+            return _load_image_folder(metadata, cache_dir, streaming)
         rows = datasets.load_dataset("imagefolder", data_dir=path, split="train", cache_dir=cache_dir, streaming=streaming)
         return Split(rows, path, path)
     extension = os.path.splitext(path)[1].lower()
@@ -279,6 +283,23 @@ def _load_local(path: str, cache_dir: str | None, streaming: bool = False) -> Sp
     if builder == "json":
         rows = restore_json_columns(rows, path)
     return Split(rows, os.path.dirname(path), path)
+
+
+def _load_image_folder(metadata: str, cache_dir: str | None, streaming: bool) -> Split:
+    """An image folder (images and a metadata file naming each row's image in `file_name`) as its metadata file,
+    read as any data file of its kind is, `file_name` becoming the `image` column: paths relative to the folder.
+    The imagefolder builder would read a metadata.jsonl with pyarrow alone (a caption written as a string in one
+    row and as a list in another stops it, mid-stream if far down) and a metadata.csv with pandas' defaults (a
+    caption "NA" or "null" becomes missing), and lists every file of the folder first."""
+    folder = os.path.dirname(metadata)
+    split = _load_local(metadata, cache_dir, streaming)
+    rows = split.rows if split.rows.features is not None else split.rows._resolve_features()
+    columns = list(rows.features)
+    if "file_name" not in columns:
+        raise ValueError(f"{metadata}: an image folder's metadata names each row's image in a 'file_name' column; its columns are {columns}")
+    if "image" in columns:
+        raise ValueError(f"{metadata}: holds both 'file_name' and 'image': rename one (the folder's images become the 'image' column)")
+    return Split(rows.rename_column("file_name", "image"), folder, metadata)
 
 
 def check_utf8(path: str) -> None:
