@@ -1313,7 +1313,8 @@ def _fast_path_tables(sections: dict) -> list[str]:
                  r["load_avg_start"][0]]
                 for precision, r in share.items() for pipeline in ("ours", "baseline")]
         out.append("**Matrix multiplications in a training step**: ours and the baseline stepping in turn (whole steps timed), then "
-                   "each measured step's matmuls (mm, addmm, bmm, baddbmm as dispatched, backward's included) replayed alone on "
+                   "each measured step's matmuls (mm, addmm, bmm, baddbmm as dispatched, backward's included; in bf16 our eager "
+                   "attention's bmm count, the example's fused sdpa kernel does not) replayed alone on "
                    "operands of the same shapes, layouts and dtypes; outside = step - matmuls. The ceiling is ours / baseline if "
                    "ours spent nothing outside its matmuls; the last column, what ours may spend there for 2x\n")
         out.append(markdown_table(["precision", "model", "pipeline", "step s", "matmuls s", "outside s", "matmul share", "matmul GFLOP",
