@@ -194,6 +194,8 @@ def read_vqa_rows(split: Split, columns: dict[str, str | None], answers_required
         check_columns(split, answers_column=columns["answers"])
     names = split.rows.column_names
     question_ids = list(split.rows[columns["question_id"]]) if columns["question_id"] in names else list(range(len(questions)))
+    # A csv is read as text: an id written as a whole number is the number (VQAv2's are), "007" stays text.
+    question_ids = [int(q) if isinstance(q, str) and q.isdigit() and str(int(q)) == q else q for q in question_ids]
     answer_types = None
     if columns["answer_type"] in names and answers is not None:
         answer_types = list(split.rows[columns["answer_type"]])

@@ -68,6 +68,26 @@ def test_jsonl_and_json_with_lists_of_captions(folder):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
+def test_csv_columns_are_text_whatever_the_first_rows_hold(tmp_path, streaming):
+    """pandas types a csv column from each block of rows it reads (10,000 here): answers "2" in the first block and
+    "yes" in a later one stopped the run at that block. Every column is read as the text it is."""
+    path = tmp_path / "train.csv"
+    lines = [f"images/{i % 3}.png,{i},2" for i in range(10_050)] + ["images/0.png,a red box,yes"]
+    path.write_text("image,caption,answer\n" + "\n".join(lines) + "\n")
+    split = load_one(path, streaming=streaming)
+    assert all(feature == datasets.Value("string") for feature in split.rows.features.values())
+    rows = list(split.rows)
+    assert (rows[0]["caption"], rows[0]["answer"]) == ("0", "2")
+    assert (rows[-1]["caption"], rows[-1]["answer"]) == ("a red box", "yes")
+
+
+def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
+    (tmp_path / "train.csv").write_text("image,caption,caption\nimages/0.png,a,b\n")
+    with pytest.raises(ValueError, match=r"train.csv'?: the header names the columns \['caption'\] more than once"):
+        load_one(tmp_path / "train.csv")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
 def test_image_folder_metadata_reads_as_its_file_does(folder, streaming):
     """An image folder's metadata.jsonl keeps each row's types (a caption string in one row, a list in another) and
     its metadata.csv keeps "NA" and "null" as captions, as the same files do on their own; `file_name` becomes the

@@ -271,6 +271,18 @@ def test_bad_rows_are_found_before_the_run_with_their_column(tmp_path):
         resolve_columns(split, DataArguments(train_file=train, answer_type_column="kind"))
 
 
+def test_csv_answers_and_ids_that_look_like_numbers(tmp_path):
+    """A csv is read as text: a single answer "2" is the answer "2" (VQA counts), an id written as a whole number is
+    that number, as VQAv2's ids are, and one with a leading zero stays text."""
+    path = tmp_path / "train.csv"
+    path.write_text("image,question,answers,question_id\nimages/0.png,how many?,2,458752000\nimages/0.png,what?,yes,007\n")
+    split = load_splits(data_files={"train": str(path)})["train"]
+    rows = read_vqa_rows(split, resolve_columns(split, DataArguments(train_file=str(path))), answers_required=True)
+    assert rows.problems == {}
+    assert rows.answers == [["2"], ["yes"]]
+    assert rows.question_ids == [458752000, "007"]
+
+
 def test_unusable_images_are_skipped_and_listed(assets, tmp_path):
     """A missing training image and a corrupt validation image: both questions are left out, listed in
     skipped_samples.jsonl, and the accuracy covers the rest; past --max_bad_samples_fraction the run stops."""

@@ -9,6 +9,7 @@ failing inside `datasets`; relative paths resolve against the folder of the data
 from __future__ import annotations
 
 import codecs
+import csv
 import glob
 import hashlib
 import json
@@ -269,8 +270,12 @@ def _load_local(path: str, cache_dir: str | None, streaming: bool = False) -> Sp
     if builder in ("csv", "json"):
         check_utf8(path)
         check_has_rows(path, builder)
-    # keep_default_na/na_filter: pandas would otherwise read captions such as "NA", "None" or "null" as NaN.
-    kwargs = {"keep_default_na": False, "na_filter": False} if builder == "csv" else {}
+    kwargs = {}
+    if builder == "csv":
+        # Every column as text: pandas would type each column from each block of rows it reads, so answers "2" and
+        # "3" in the first block and "yes" in a later one stopped the run there (mid-stream, if far down);
+        # keep_default_na/na_filter: else captions such as "NA", "None" or "null" would read as NaN.
+        kwargs = {"features": csv_text_features(path), "keep_default_na": False, "na_filter": False}
     if builder == "json" and streaming:
         # A stream reads json in blocks of this many bytes, each held as Python rows: with the 10 MiB default,
         # memory grew with the file up to that size (23 MB more for an 8 MB jsonl of 20k rows); 1 MiB keeps it flat.
@@ -300,6 +305,16 @@ def _load_image_folder(metadata: str, cache_dir: str | None, streaming: bool) ->
     if "image" in columns:
         raise ValueError(f"{metadata}: holds both 'file_name' and 'image': rename one (the folder's images become the 'image' column)")
     return Split(rows.rename_column("file_name", "image"), folder, metadata)
+
+
+def csv_text_features(path: str) -> datasets.Features:
+    """A string feature for each column of a csv file's header."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"data file {path!r}: the header names the columns {repeated} more than once")
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def check_utf8(path: str) -> None:
