@@ -12,6 +12,7 @@ import codecs
 import csv
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -34,6 +35,8 @@ SHARD_EXTENSION = ".tar"
 WEBDATASET_TEXT_FIELDS = ("txt", "text")
 WEBDATASET_JSON_FIELDS = ("json", "jsn")
 IMAGE_FOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+WEBDATASET_KEY_SAMPLES = 5
+JSON_BATCH_ROWS = 10_000
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 
@@ -172,40 +175,68 @@ def find_shards(path: str) -> list[str] | None:
 def webdataset_columns(rows):
     """Webdataset samples (files sharing a key: `000123.jpg`, `000123.txt`, `000123.json`) as the columns the
     scripts read: the keys of the .json file become columns of their own (`captions`, `question`, `answers`...),
-    the single image file becomes `image` and the .txt file `text`; `__key__` and `__url__` (the shard) stay.
-    Rows that are not webdataset samples are returned as they are. Lazy for a stream; for a whole data set the
-    columns are renamed, not copied."""
+    each value as that sample's file holds it (`datasets.Json`); the single image file becomes `image` and the
+    .txt file `text`; `__key__` and `__url__` (the shard) stay. The .json keys are those of every sample for a
+    whole data set, of the first samples for a stream. Rows that are not webdataset samples are returned as they
+    are. Lazy for a stream; for a whole data set the other columns are renamed, not copied."""
     if not is_webdataset(rows):
         return rows
     features = rows.features
-    json_field = next((f for f in WEBDATASET_JSON_FIELDS if isinstance(features.get(f), dict)), None)
-    lifted = dict(features[json_field]) if json_field else {}
-    renames = {}
+    json_field = next((f for f in WEBDATASET_JSON_FIELDS if isinstance(features.get(f), (dict, datasets.Json))), None)
     images = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
-    if len(images) == 1 and "image" not in lifted and "image" not in features:
+    for name in images:  # read as stored: decoded by load_image, and a stream's map would otherwise decode them
+        rows = rows.cast_column(name, datasets.Image(decode=False))
+    keys = _json_keys(rows, json_field) if json_field else []
+    renames = {}
+    if len(images) == 1 and "image" not in keys and "image" not in features:
         renames[images[0]] = "image"
     text = next((f for f in WEBDATASET_TEXT_FIELDS if f in features), None)
-    if text and "text" not in lifted and text != "text":
+    if text and "text" not in keys and text != "text":
         renames[text] = "text"
-    clashes = set(lifted) & (set(features) - {json_field})
+    clashes = set(keys) & (set(features) - {json_field})
     if clashes:
         raise ValueError(f"webdataset samples: the .{json_field} keys {sorted(clashes)} clash with the files of the same names")
     if isinstance(rows, datasets.Dataset):
         if json_field:
-            rows = rows.flatten(max_depth=2).rename_columns({f"{json_field}.{key}": key for key in lifted})
+            encoded = {key: [] for key in keys}
+            for batch in rows.select_columns([json_field]).iter(batch_size=JSON_BATCH_ROWS):
+                for sample in batch[json_field]:
+                    for key in keys:
+                        encoded[key].append(_json_text((sample or {}).get(key)))
+            rows = rows.remove_columns(json_field)
+            for key in keys:
+                rows = rows.add_column(key, encoded[key], feature=datasets.Json())
         return rows.rename_columns(renames)
-    for name in images:  # before the map, which would otherwise hand it decoded images
-        rows = rows.cast_column(name, datasets.Image(decode=False))
-    features = rows.features
-    columns = {renames.get(name, name): feature for name, feature in features.items() if name != json_field}
-    columns.update(lifted)
-    return rows.map(_lift_webdataset_fields, fn_kwargs={"json_field": json_field, "renames": renames},
+    columns = {renames.get(name, name): feature for name, feature in rows.features.items() if name != json_field}
+    columns.update({key: datasets.Json() for key in keys})
+    return rows.map(_lift_webdataset_fields, fn_kwargs={"json_field": json_field, "keys": keys, "renames": renames},
                     remove_columns=[json_field, *renames] if json_field else list(renames), features=datasets.Features(columns))
 
 
+def _json_keys(rows, json_field: str) -> list[str]:
+    """The keys of the samples' .json files, in order of first appearance: over every sample of a whole data set,
+    over the first WEBDATASET_KEY_SAMPLES of a stream (as many as datasets types them from)."""
+    if isinstance(rows, datasets.Dataset):
+        samples = (s for batch in rows.select_columns([json_field]).iter(batch_size=JSON_BATCH_ROWS) for s in batch[json_field])
+    else:
+        samples = (row[json_field] for row in itertools.islice(rows, WEBDATASET_KEY_SAMPLES))
+    keys = {}
+    for sample in samples:
+        keys.update(dict.fromkeys(sample or {}))
+    return list(keys)
+
+
+def _json_text(value) -> str:
+    """`value` as JSON text to store in a `datasets.Json` column. Handed a Python string, Json would store one that
+    parses as JSON as that JSON: the caption "null" would read back as None, "42" as 42; encoded first, it reads
+    back as written."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def load_webdataset(shards: list[str], cache_dir: str | None, streaming: bool):
-    """Webdataset shards as rows, each .json key typed as `datasets.Json`: every sample keeps the types it was
-    written with, and the scripts' row checks judge each one (a bad one is skipped by name). Left to infer them,
+    """Webdataset shards as rows, the samples' .json typed as `datasets.Json` (`json_typed`): every sample keeps
+    the types it was written with, and the scripts' row checks judge each one (a bad one is skipped by name).
+    `webdataset_columns` then makes its keys columns. Left to infer them,
     the builder would type each key from the first five samples and cast every later sample to that type: a caption
     written as a string where those held lists would train as a list of its characters. Whole (map-style), the
     shards are copied into the datasets cache once; streamed, they are read in place."""
@@ -215,7 +246,7 @@ def load_webdataset(shards: list[str], cache_dir: str | None, streaming: bool):
 
 
 def load_hub(name: str, config: str | None, cache_dir: str | None, streaming: bool):
-    """A Hub data set's splits; one in webdataset shards gets each .json key typed as `datasets.Json`, as local
+    """A Hub data set's splits; one in webdataset shards gets its samples' .json typed as `datasets.Json`, as local
     shards do (`load_webdataset`): its features are looked up first from a stream, which reads a few samples."""
     try:
         probe = datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=True)
@@ -228,10 +259,10 @@ def load_hub(name: str, config: str | None, cache_dir: str | None, streaming: bo
 
 
 def json_typed(features: datasets.Features) -> datasets.Features:
-    """Webdataset features with each key of the samples' .json typed as `datasets.Json` (stored as JSON text,
-    read back as written), instead of the type inferred from the first samples."""
+    """Webdataset features with the samples' .json typed as `datasets.Json`, a whole object (stored as JSON text,
+    read back exactly as written), instead of each key typed from the first samples."""
     return datasets.Features({
-        name: {key: datasets.Json() for key in feature} if name in WEBDATASET_JSON_FIELDS and isinstance(feature, dict) else feature
+        name: datasets.Json() if name in WEBDATASET_JSON_FIELDS and isinstance(feature, dict) else feature
         for name, feature in features.items()
     })
 
@@ -240,10 +271,11 @@ def is_webdataset(rows) -> bool:
     return rows.features is not None and {"__key__", "__url__"} <= set(rows.features)
 
 
-def _lift_webdataset_fields(row: dict, json_field: str | None, renames: dict[str, str]) -> dict:
+def _lift_webdataset_fields(row: dict, json_field: str | None, keys: list[str], renames: dict[str, str]) -> dict:
     lifted = {renames[name]: value for name, value in row.items() if name in renames}
-    if json_field:
-        lifted.update(row[json_field] or {})
+    if json_field:  # a stream's map hands its values on as they are (Json is not applied to them)
+        sample = row[json_field] or {}
+        lifted.update({key: sample.get(key) for key in keys})
     return lifted
 
 
