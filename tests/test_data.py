@@ -81,6 +81,28 @@ def test_csv_columns_are_text_whatever_the_first_rows_hold(tmp_path, streaming):
     assert (rows[-1]["caption"], rows[-1]["answer"]) == ("a red box", "yes")
 
 
+def test_jsonl_stream_keeps_each_row_as_written(tmp_path):
+    """Streamed, datasets typed a jsonl's columns from its first block (1 MiB here) and cast the rest: a later row
+    with a key of its own, or a caption string where that block held lists, stopped the run there. Each row now
+    keeps its values as written ("null" and "42" are text), columns are those of the first rows, and a line that
+    is not JSON is an error naming it."""
+    path = tmp_path / "train.jsonl"
+    rows = [{"image": "images/0.png", "captions": [f"a red box {i}", "a box"], "source": "coco"} for i in range(15_000)]
+    rows[14_000] = {"image": "images/1.png", "captions": "one caption", "source": "42", "extra": "late"}
+    rows[14_001] = {"image": "images/2.png", "captions": "null"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert path.stat().st_size > 1 << 20  # past the first block the old stream typed from
+    split = load_one(path, streaming=True)
+    assert list(split.rows.features) == ["image", "captions", "source"]
+    streamed = list(split.rows)
+    assert len(streamed) == 15_000 and streamed[0] == rows[0]
+    assert streamed[14_000] == {"image": "images/1.png", "captions": "one caption", "source": "42"}
+    assert streamed[14_001] == {"image": "images/2.png", "captions": "null", "source": None}
+    path.write_text(json.dumps(rows[0]) + "\n\n" + "{not json\n")
+    with pytest.raises(ValueError, match=r"train.jsonl'?, line 3: not JSON"):
+        list(load_one(path, streaming=True).rows)
+
+
 def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
     (tmp_path / "train.csv").write_text("image,caption,caption\nimages/0.png,a,b\n")
     with pytest.raises(ValueError, match=r"train.csv'?: the header names the columns \['caption'\] more than once"):

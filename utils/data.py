@@ -37,6 +37,7 @@ WEBDATASET_JSON_FIELDS = ("json", "jsn")
 IMAGE_FOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 WEBDATASET_KEY_SAMPLES = 5
 JSON_BATCH_ROWS = 10_000
+JSON_STREAM_KEY_ROWS = 1000
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 
@@ -309,9 +310,7 @@ def _load_local(path: str, cache_dir: str | None, streaming: bool = False) -> Sp
         # keep_default_na/na_filter: else captions such as "NA", "None" or "null" would read as NaN.
         kwargs = {"features": csv_text_features(path), "keep_default_na": False, "na_filter": False}
     if builder == "json" and streaming:
-        # A stream reads json in blocks of this many bytes, each held as Python rows: with the 10 MiB default,
-        # memory grew with the file up to that size (23 MB more for an 8 MB jsonl of 20k rows); 1 MiB keeps it flat.
-        kwargs["chunksize"] = 1 << 20
+        return Split(stream_json(path), os.path.dirname(path), path)
     rows = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, streaming=streaming, **kwargs)
     if streaming:  # read as it trains; restore_json_columns would read the whole file
         return Split(rows, os.path.dirname(path), path)
@@ -320,6 +319,50 @@ def _load_local(path: str, cache_dir: str | None, streaming: bool = False) -> Sp
     if builder == "json":
         rows = restore_json_columns(rows, path)
     return Split(rows, os.path.dirname(path), path)
+
+
+def stream_json(path: str) -> datasets.IterableDataset:
+    """A .jsonl (or .json) file as a stream of rows, each value as the file holds it (`datasets.Json`), read a line
+    at a time. Its columns are the keys of its first JSON_STREAM_KEY_ROWS rows: a later row's other keys are left
+    out, a key it lacks is None. datasets' json stream typed each column from the first block of the file and cast
+    the rest to it: a later row with a new key, or with a caption string where that block held lists, stopped the
+    run there."""
+    keys = {}
+    for record in itertools.islice(_json_records(path), JSON_STREAM_KEY_ROWS):
+        keys.update(dict.fromkeys(record))
+    columns = tuple(keys)  # a tuple: a list in gen_kwargs would be split into shards
+    return datasets.IterableDataset.from_generator(
+        _json_rows, features=datasets.Features({name: datasets.Json() for name in columns}), gen_kwargs={"path": path, "columns": columns}
+    )
+
+
+def _json_rows(path: str, columns: tuple[str, ...]):
+    for record in _json_records(path):
+        yield {name: _json_text(record.get(name)) for name in columns}
+
+
+def _json_records(path: str):
+    """The objects of a JSON Lines file one line at a time, or of a JSON array (read whole, as datasets does)."""
+    with open(path, encoding="utf-8") as f:
+        start = f.read(4096).lstrip()
+        f.seek(0)
+        if start.startswith("["):
+            records = enumerate(json.load(f), start=1)
+            where = "item"
+        else:
+            records = ((number, _json_line(path, number, line)) for number, line in enumerate(f, start=1) if line.strip())
+            where = "line"
+        for number, record in records:
+            if not isinstance(record, dict):
+                raise ValueError(f"data file {path!r}, {where} {number}: a JSON {type(record).__name__}, not an object of columns")
+            yield record
+
+
+def _json_line(path: str, number: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"data file {path!r}, line {number}: not JSON ({err})") from None
 
 
 def _load_image_folder(metadata: str, cache_dir: str | None, streaming: bool) -> Split:
