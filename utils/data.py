@@ -198,15 +198,11 @@ def webdataset_columns(rows):
     if clashes:
         raise ValueError(f"webdataset samples: the .{json_field} keys {sorted(clashes)} clash with the files of the same names")
     if isinstance(rows, datasets.Dataset):
-        if json_field:
-            encoded = {key: [] for key in keys}
-            for batch in rows.select_columns([json_field]).iter(batch_size=JSON_BATCH_ROWS):
-                for sample in batch[json_field]:
-                    for key in keys:
-                        encoded[key].append(_json_text((sample or {}).get(key)))
-            rows = rows.remove_columns(json_field)
-            for key in keys:
-                rows = rows.add_column(key, encoded[key], feature=datasets.Json())
+        if json_field:  # the keys' columns written to the cache beside the shards' copy, the rest joined unchanged
+            lifted = rows.select_columns([json_field]).map(
+                _json_key_columns, batched=True, batch_size=JSON_BATCH_ROWS, fn_kwargs={"json_field": json_field, "keys": keys},
+                remove_columns=[json_field], features=datasets.Features({key: datasets.Json() for key in keys}))
+            rows = datasets.concatenate_datasets([rows.remove_columns(json_field), lifted], axis=1)
         return rows.rename_columns(renames)
     columns = {renames.get(name, name): feature for name, feature in rows.features.items() if name != json_field}
     columns.update({key: datasets.Json() for key in keys})
@@ -227,6 +223,11 @@ def _json_keys(rows, json_field: str) -> list[str]:
     return list(keys)
 
 
+def _json_key_columns(batch: dict, json_field: str, keys: list[str]) -> dict:
+    samples = [sample or {} for sample in batch[json_field]]
+    return {key: [_json_text(sample.get(key)) for sample in samples] for key in keys}
+
+
 def _json_text(value) -> str:
     """`value` as JSON text to store in a `datasets.Json` column. Handed a Python string, Json would store one that
     parses as JSON as that JSON: the caption "null" would read back as None, "42" as 42; encoded first, it reads
@@ -236,11 +237,11 @@ def _json_text(value) -> str:
 
 def load_webdataset(shards: list[str], cache_dir: str | None, streaming: bool):
     """Webdataset shards as rows, the samples' .json typed as `datasets.Json` (`json_typed`): every sample keeps
-    the types it was written with, and the scripts' row checks judge each one (a bad one is skipped by name).
-    `webdataset_columns` then makes its keys columns. Left to infer them,
-    the builder would type each key from the first five samples and cast every later sample to that type: a caption
-    written as a string where those held lists would train as a list of its characters. Whole (map-style), the
-    shards are copied into the datasets cache once; streamed, they are read in place."""
+    the types it was written with, and the scripts' row checks judge each one (a bad one is skipped by name);
+    `webdataset_columns` then makes its keys columns. Left to infer them, the builder would type each key from the
+    first five samples and cast every later sample to that type: a caption written as a string where those held
+    lists would train as a list of its characters. Whole (map-style), the shards are copied into the datasets cache
+    once; streamed, they are read in place."""
     inferred = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", streaming=True).features
     return datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", cache_dir=cache_dir, streaming=streaming,
                                  features=json_typed(inferred))
