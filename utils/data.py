@@ -4,6 +4,11 @@
 Image values are kept undecoded (paths, or `datasets` Image values with `decode=False`) and decoded by
 `utils.images.load_image` in the data loader, so one bad file is reported with its name instead of
 failing inside `datasets`; relative paths resolve against the folder of the data file that names them.
+
+Values are read as the file holds them, row by row, never as a type guessed from the first rows and forced on
+the rest (which `datasets` does for csv blocks, json streams, webdataset .json keys and image folders' metadata):
+a csv is text, json values and webdataset .json keys are `datasets.Json`, and the scripts' row checks judge each
+row, skipping a bad one by name.
 """
 
 from __future__ import annotations
