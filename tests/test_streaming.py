@@ -241,25 +241,28 @@ def test_scripts_train_and_evaluate_on_shards(assets, tmp_path, script, streamin
 
 
 def test_vqa_stream_skips_the_rows_a_whole_split_skips(assets, tmp_path):
-    """An empty question, no answers: skipped, recorded, and kept out of the answer set; a question whose answers
-    are all outside the answer set is left out unrecorded, as in a whole split. (A shard's columns have one type
-    each, so non-text questions, answers or answer types cannot occur in one: the loader refuses the shard.)"""
+    """An empty question, no answers, a question or answer type that is not text: skipped, recorded, and kept out of
+    the answer set; a question whose answers are all outside the answer set is left out unrecorded, as in a whole
+    split. (Each shard sample keeps the types its .json holds, so a number where text belongs reaches the checks.)"""
     samples = [list(s) for s in assets["train_samples"][:8]]
     samples[1][1] = {**samples[1][1], "question": " "}
     samples[2][1] = {**samples[2][1], "answers": []}
     samples[4][1] = {**samples[4][1], "answers": ["giraffe"] * 10}
+    samples[5][1] = {**samples[5][1], "question": 42}
+    samples[6][1] = {**samples[6][1], "answer_type": 3}
     split = load_splits(data_files={"train": write_shards(tmp_path / "vqa", samples, per_shard=8)}, streaming=True)["train"]
     columns = {"image": "image", "question": "question", "answers": "answers", "question_id": "question_id", "answer_type": "answer_type"}
     answers = list(run_vilt_vqa.streamed_answers(split, columns))
-    assert len(answers) == 6 and ["giraffe"] * 10 in answers
+    assert len(answers) == 4 and ["giraffe"] * 10 in answers
     label2id = {shape: i for i, shape in enumerate(sorted({a[0] for a in answers} - {"giraffe"}))}
     log = SkippedSamples(str(tmp_path / "skipped.jsonl"))
-    vqa = run_vilt_vqa.VQAStream(split, columns, lambda image: F.pil_to_tensor(image), label2id, skip_log=log, max_bad_fraction=0.5)
-    first_pass = take(vqa, 5)
+    vqa = run_vilt_vqa.VQAStream(split, columns, lambda image: F.pil_to_tensor(image), label2id, skip_log=log, max_bad_fraction=0.8)
+    first_pass = take(vqa, 4)[:3]  # the 4th: the next pass's first, so the first pass was read to its end
     assert {s["question"] for s in first_pass} == {"what shape is it?"} and all(s["label_ids"] for s in first_pass)
     reasons = {r["row"][-1]: r["reason"] for r in map(json.loads, open(log.path))}
-    assert sorted(reasons) == ["1", "2"]
+    assert sorted(reasons) == ["1", "2", "5", "6"]
     assert "question" in reasons["1"] and "no answers" in reasons["2"]
+    assert "question 42 is not" in reasons["5"] and "answer type 3 is not a string" in reasons["6"]
 
 
 def test_streamed_run_resumes_to_the_same_weights(assets, tmp_path):
