@@ -101,6 +101,11 @@ def test_jsonl_stream_keeps_each_row_as_written(tmp_path):
     path.write_text(json.dumps(rows[0]) + "\n\n" + "{not json\n")
     with pytest.raises(ValueError, match=r"train.jsonl'?, line 3: not JSON"):
         list(load_one(path, streaming=True).rows)
+    path.write_text("{not json\n" + json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match=r"train.jsonl'?: neither JSON Lines \(line 1 is not JSON\) nor one JSON document"):
+        list(load_one(path, streaming=True).rows)
+    path.write_text(json.dumps(rows[0], indent=2))  # one object over several lines: one row, as read whole
+    assert list(load_one(path, streaming=True).rows) == [rows[0]] == list(load_one(path).rows)
 
 
 def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):

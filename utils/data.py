@@ -348,12 +348,19 @@ def _json_rows(path: str, columns: tuple[str, ...]):
 
 
 def _json_records(path: str):
-    """The objects of a JSON Lines file one line at a time, or of a JSON array (read whole, as datasets does)."""
+    """The objects of a JSON Lines file one line at a time, or of a JSON document (an array of objects, or one
+    object spread over lines: read whole, as datasets reads them)."""
     with open(path, encoding="utf-8") as f:
         start = f.read(4096).lstrip()
         f.seek(0)
-        if start.startswith("["):
-            records = enumerate(json.load(f), start=1)
+        first_line = next((line for line in f if line.strip()), "")
+        f.seek(0)
+        if start.startswith("[") or not _is_json(first_line):
+            try:
+                document = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"data file {path!r}: neither JSON Lines (line 1 is not JSON) nor one JSON document ({err})") from None
+            records = enumerate(document if isinstance(document, list) else [document], start=1)
             where = "item"
         else:
             records = ((number, _json_line(path, number, line)) for number, line in enumerate(f, start=1) if line.strip())
@@ -362,6 +369,14 @@ def _json_records(path: str):
             if not isinstance(record, dict):
                 raise ValueError(f"data file {path!r}, {where} {number}: a JSON {type(record).__name__}, not an object of columns")
             yield record
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _json_line(path: str, number: int, line: str):
