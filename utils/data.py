@@ -452,20 +452,18 @@ def restore_json_columns(rows: datasets.Dataset, path: str) -> datasets.Dataset:
     columns = [name for name, feature in rows.features.items() if isinstance(feature, datasets.Json)]
     if not columns:
         return rows
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    encoded = {name: [] for name in columns}  # JSON text, so decoding gives back exactly the value in the file
     try:
-        records = json.loads(text)
-        records = [records] if isinstance(records, dict) else records  # JSON Lines of one line
-    except json.JSONDecodeError:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON Lines
-    if len(records) != len(rows) or not all(isinstance(r, dict) for r in records):
+        for record in _json_records(path):  # a record at a time: only these columns' text is held
+            for name in columns:
+                encoded[name].append(_json_text(record.get(name)))
+    except ValueError:
         return rows  # a layout we do not read ourselves: keep what `datasets` read
+    if len(encoded[columns[0]]) != len(rows):
+        return rows
     order = rows.column_names
     for name in columns:
-        # Stored JSON-encoded, so decoding gives back exactly the value in the file.
-        encoded = [json.dumps(record.get(name)) for record in records]
-        rows = rows.remove_columns(name).add_column(name, encoded, feature=datasets.Json())
+        rows = rows.remove_columns(name).add_column(name, encoded[name], feature=datasets.Json())
     return rows.select_columns(order)
 
 
