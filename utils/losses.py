@@ -50,6 +50,23 @@ def clip_loss(
 def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     """All-gather (B, D) from every process into (world_size * B, D), rank order, gradient flowing back to
     each process's own rows. Every process must pass the same B."""
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(features)
 
-    return torch.cat(all_gather(features), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0. Backward: each process's loss reads every process's rows, so the gradient of a
+    process's own rows is the sum, over processes, of their gradients of the gathered tensor: all-reduced, then
+    this process's slice. (torch.distributed.nn.functional.all_gather does the same and is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:
+        gathered = features.new_empty((dist.get_world_size() * features.shape[0], *features.shape[1:]))
+        dist.all_gather_into_tensor(gathered, features.contiguous())
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()  # reduced in place
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
