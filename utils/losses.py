@@ -66,7 +66,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()  # reduced in place
+        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place
         dist.all_reduce(grad)
         rows = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
