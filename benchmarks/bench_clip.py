@@ -30,7 +30,9 @@ import random
 import sys
 import tempfile
 import time
+from functools import partial
 from types import SimpleNamespace
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -371,6 +373,14 @@ def measure_side_by_side(precision: str, layers: int, batch_size: int, warmup_st
 MATMUL_OPS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm)
 
 
+class Operand(NamedTuple):
+    """A recorded tensor argument: what a replay needs to make one like it."""
+
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+
+
 class MatmulRecorder(TorchDispatchMode):
     """Notes every matrix multiplication dispatched under it (after autograd and autocast: the kernels that run,
     backward's included), as (op, operands as (shape, stride, dtype), other arguments), so that they can be run
@@ -383,7 +393,7 @@ class MatmulRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.overloadpacket in MATMUL_OPS:
-            self.calls.append((func, tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args),
+            self.calls.append((func, tuple(Operand(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args),
                                dict(kwargs)))
         return func(*args, **kwargs)
 
@@ -391,7 +401,7 @@ class MatmulRecorder(TorchDispatchMode):
 def matmul_flops(calls: list) -> int:
     total = 0
     for func, args, _ in calls:
-        a, b = args[-2][0], args[-1][0]  # (m, k) @ (k, n), batched or not
+        a, b = args[-2].shape, args[-1].shape  # (m, k) @ (k, n), batched or not
         total += 2 * math.prod(a) * b[-1]
     return total
 
@@ -400,14 +410,12 @@ def replay_matmuls(calls: list, operands: dict) -> float:
     """Seconds to run `calls` back to back on operands of the recorded shapes, strides and dtypes (random values,
     one tensor per distinct operand, kept in `operands` across replays; each output freshly allocated, as in a
     step). The matrix multiplications' time at the rate this machine gives them alone."""
-    def operand(spec):
+    def operand(spec: Operand) -> torch.Tensor:
         if spec not in operands:
-            shape, stride, dtype = spec
-            operands[spec] = torch.empty_strided(shape, stride, dtype=dtype).normal_()
+            operands[spec] = torch.empty_strided(spec.shape, spec.stride, dtype=spec.dtype).normal_()
         return operands[spec]
 
-    ready = [(func, [operand(a) if isinstance(a, tuple) and len(a) == 3 and isinstance(a[2], torch.dtype) else a for a in args], kwargs)
-             for func, args, kwargs in calls]
+    ready = [(func, [operand(a) if isinstance(a, Operand) else a for a in args], kwargs) for func, args, kwargs in calls]
     start = time.perf_counter()
     for func, args, kwargs in ready:
         func(*args, **kwargs)
@@ -1238,7 +1246,8 @@ def _layers_note(layers: int) -> str:
 
 
 def _fast_path_tables(sections: dict) -> list[str]:
-    """torch.compile, activation checkpointing and channels-last on the model step (batch and precision per row)."""
+    """The fast-path sections: torch.compile, activation checkpointing, channels-last and attention on the model step,
+    training with --torch_compile, and a step's matrix multiplications (batch and precision per row)."""
     out = []
     compile_ = sections.get("compile")
     if compile_:
@@ -1255,56 +1264,61 @@ def _fast_path_tables(sections: dict) -> list[str]:
                                  f"{fraction['eager']:.2f} / {fraction['compiled']:.2f}" if fraction else None,
                                  r["graphs"], r["graph_breaks"], f"{abs(losses['eager'] - losses['compiled']):.1e}", r["load_avg_start"][0]])
         stamp = next(iter(compile_.values()))
-        out.append("**torch.compile** (inductor, default mode) on the model step (forward + backward of the CLIP loss, batch "
-                   f"{stamp['whole_model']['batch_size']}): cold compile from an empty cache "
-                   "(first step at 22 tokens, minus a compiled step), the recompile when the caption length first changes (24 "
-                   "tokens: the text length becomes dynamic), then eager and compiled steps alternating at 23 tokens\n")
-        out.append(markdown_table(["precision", "compile", "model", "compile s", "recompile s", "eager s/step", "compiled s/step",
-                                   "speedup (median)", "per round", "fraction of the matmul rate, eager / compiled", "graphs",
-                                   "graph breaks", "loss diff (abs)", "load avg"], rows) + "\n")
-        out.append(_fast_path_commands(compile_))
+        out += _fast_path_block(
+            "**torch.compile** (inductor, default mode) on the model step (forward + backward of the CLIP loss, batch "
+            f"{stamp['whole_model']['batch_size']}): cold compile from an empty cache "
+            "(first step at 22 tokens, minus a compiled step), the recompile when the caption length first changes (24 "
+            "tokens: the text length becomes dynamic), then eager and compiled steps alternating at 23 tokens",
+            ["precision", "compile", "model", "compile s", "recompile s", "eager s/step", "compiled s/step",
+             "speedup (median)", "per round", "fraction of the matmul rate, eager / compiled", "graphs",
+             "graph breaks", "loss diff (abs)", "load avg"],
+            rows, compile_)
     checkpointing = sections.get("checkpointing")
     if checkpointing:
         rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["rss_after_model_mib"], r["peak_above_model_mib"]["off"],
                  r["peak_above_model_mib"]["on"], r["step_s"]["off"], r["step_s"]["on"], f"{r['slowdown']['median']:.2f}x",
                  r["load_avg_start"][0]] for precision, r in checkpointing.items()]
-        out.append("**Activation checkpointing** on the model step: peak RSS above the process after the model was built, a step "
-                   "with and one without; then steps alternating for the time\n")
-        out.append(markdown_table(["precision", "model", "batch", "RSS with model MiB", "peak above it, off MiB", "peak above it, on MiB",
-                                   "s/step off", "s/step on", "on / off time", "load avg"], rows) + "\n")
-        out.append(_fast_path_commands(checkpointing))
+        out += _fast_path_block(
+            "**Activation checkpointing** on the model step: peak RSS above the process after the model was built, a step "
+            "with and one without; then steps alternating for the time",
+            ["precision", "model", "batch", "RSS with model MiB", "peak above it, off MiB", "peak above it, on MiB",
+             "s/step off", "s/step on", "on / off time", "load avg"],
+            rows, checkpointing)
     channels_last = sections.get("channels_last")
     if channels_last:
         rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["patch_conv_ms"]["contiguous"], r["patch_conv_ms"]["channels_last"],
                  f"{r['patch_conv_speedup']['median']:.2f}x", r["step_s"]["contiguous"], r["step_s"]["channels_last"],
                  f"{r['step_speedup']['median']:.2f}x", " ".join(f"{x:.2f}" for x in r["step_speedup"]["per_round"]), r["load_avg_start"][0]]
                 for precision, r in channels_last.items()]
-        out.append("**Channels-last** (patch-embedding convolution forward + backward alone, and the whole model step; contiguous "
-                   "and channels-last alternating; speedup = contiguous time / channels-last time)\n")
-        out.append(markdown_table(["precision", "model", "batch", "patch conv ms, contiguous", "patch conv ms, channels-last",
-                                   "conv speedup", "step s, contiguous", "step s, channels-last", "step speedup", "per round",
-                                   "load avg"], rows) + "\n")
-        out.append(_fast_path_commands(channels_last))
+        out += _fast_path_block(
+            "**Channels-last** (patch-embedding convolution forward + backward alone, and the whole model step; contiguous "
+            "and channels-last alternating; speedup = contiguous time / channels-last time)",
+            ["precision", "model", "batch", "patch conv ms, contiguous", "patch conv ms, channels-last",
+             "conv speedup", "step s, contiguous", "step s, channels-last", "step speedup", "per round",
+             "load avg"],
+            rows, channels_last)
     attention = sections.get("attention")
     if attention:
         rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["image_tokens"], r["step_s"]["sdpa"], r["step_s"]["sdpa_math"],
                  r["step_s"]["eager"], f"{r['eager_speedup']['median']:.2f}x", " ".join(f"{x:.2f}" for x in r["eager_speedup"]["per_round"]),
                  r["load_avg_start"][0]] for precision, r in attention.items()]
-        out.append("**Attention implementation** on the model step (sdpa: transformers' default, torch's fused CPU kernel; "
-                   "sdpa math: torch's math backend; eager: matmul, softmax, matmul; alternating on the same weights)\n")
-        out.append(markdown_table(["precision", "model", "batch", "image tokens", "step s, sdpa", "step s, sdpa math", "step s, eager",
-                                   "eager speedup", "per round", "load avg"], rows) + "\n")
-        out.append(_fast_path_commands(attention))
+        out += _fast_path_block(
+            "**Attention implementation** on the model step (sdpa: transformers' default, torch's fused CPU kernel; "
+            "sdpa math: torch's math backend; eager: matmul, softmax, matmul; alternating on the same weights)",
+            ["precision", "model", "batch", "image tokens", "step s, sdpa", "step s, sdpa math", "step s, eager",
+             "eager speedup", "per round", "load avg"],
+            rows, attention)
     compiled = sections.get("compiled_train")
     if compiled:
         rows = [[precision, _layers_note(r["layers"]), f"{r['ours']['samples_per_s']:.2f}", f"{r['ours_compiled']['samples_per_s']:.2f}",
                  f"{r['baseline']['samples_per_s']:.2f}", f"{r['ours_over_baseline']:.2f}x", f"{r['compiled_over_baseline']:.2f}x",
                  f"{r['compiled_over_ours']:.2f}x", r["warmup_steps"], r["load_avg_start"][0]] for precision, r in compiled.items()]
-        out.append("**Training with `--torch_compile`** (regional): ours, ours compiled and the baseline stepping in turn in one "
-                   "process, batch 32; the warm-up covers the compile and the recompile at the first new caption length\n")
-        out.append(markdown_table(["precision", "model", "ours samples/s", "ours compiled", "baseline", "ours / baseline",
-                                   "compiled / baseline", "compiled / ours", "warm-up steps", "load avg"], rows) + "\n")
-        out.append(_fast_path_commands(compiled))
+        out += _fast_path_block(
+            "**Training with `--torch_compile`** (regional): ours, ours compiled and the baseline stepping in turn in one "
+            "process, batch 32; the warm-up covers the compile and the recompile at the first new caption length",
+            ["precision", "model", "ours samples/s", "ours compiled", "baseline", "ours / baseline",
+             "compiled / baseline", "compiled / ours", "warm-up steps", "load avg"],
+            rows, compiled)
     share = sections.get("matmul_share")
     if share:
         rows = [[precision, _layers_note(r["layers"]), pipeline, r[pipeline]["step_s"], r[pipeline]["matmul_s"], r[pipeline]["outside_matmul_s"],
@@ -1312,15 +1326,21 @@ def _fast_path_tables(sections: dict) -> list[str]:
                  f"{r['ours_over_baseline']:.2f}x", f"{r['ceiling_over_baseline']:.2f}x", f"{r['ours_outside_matmul_at_2x_s']:.2f}",
                  r["load_avg_start"][0]]
                 for precision, r in share.items() for pipeline in ("ours", "baseline")]
-        out.append("**Matrix multiplications in a training step**: ours and the baseline stepping in turn (whole steps timed), then "
-                   "each measured step's matmuls (mm, addmm, bmm, baddbmm as dispatched, backward's included; in bf16 our eager "
-                   "attention's bmm count, the example's fused sdpa kernel does not) replayed alone on "
-                   "operands of the same shapes, layouts and dtypes; outside = step - matmuls. The ceiling is ours / baseline if "
-                   "ours spent nothing outside its matmuls; the last column, what ours may spend there for 2x\n")
-        out.append(markdown_table(["precision", "model", "pipeline", "step s", "matmuls s", "outside s", "matmul share", "matmul GFLOP",
-                                   "matmul GFLOP/s", "ours / baseline", "ceiling", "ours outside at 2x, s", "load avg"], rows) + "\n")
-        out.append(_fast_path_commands(share))
+        out += _fast_path_block(
+            "**Matrix multiplications in a training step**: ours and the baseline stepping in turn (whole steps timed), then "
+            "each measured step's matmuls (mm, addmm, bmm, baddbmm as dispatched, backward's included; in bf16 our eager "
+            "attention's bmm count, the example's fused sdpa kernel does not) replayed alone on "
+            "operands of the same shapes, layouts and dtypes; outside = step - matmuls. The ceiling is ours / baseline if "
+            "ours spent nothing outside its matmuls; the last column, what ours may spend there for 2x",
+            ["precision", "model", "pipeline", "step s", "matmuls s", "outside s", "matmul share", "matmul GFLOP",
+             "matmul GFLOP/s", "ours / baseline", "ceiling", "ours outside at 2x, s", "load avg"],
+            rows, share)
     return out
+
+
+def _fast_path_block(title: str, header: list[str], rows: list[list], entries: dict) -> list[str]:
+    """A fast-path section of BENCHMARKS.md: its title line, its table, and the command behind each precision's row."""
+    return [title + "\n", markdown_table(header, rows) + "\n", _fast_path_commands(entries)]
 
 
 def _fast_path_commands(entries: dict) -> str:
@@ -1519,25 +1539,19 @@ def main(argv: list[str] | None = None) -> dict:
                 logger.info("%s %s: %s", section, precision, {k: v for k, v in result.items() if k.endswith(("_s", "mib", "speedup", "ms"))})
             store_keeping_earlier(stored, precision, {**result, "layers": settings["layers"], **stamp})
         out[section] = stored
-    if "compiled_train" in sections:  # ours, the baseline and ours under --torch_compile, side by side
-        stored = dict(stored_section("bench_clip", mode, "compiled_train"))
+    # Training sections with ours and the baseline side by side: ours under --torch_compile as a third pipeline; each
+    # step's matrix multiplications replayed alone.
+    side_by_side_sections = {"compiled_train": partial(measure_side_by_side, compiled=True), "matmul_share": measure_matmul_share}
+    for section, measure in side_by_side_sections.items():
+        if section not in sections:
+            continue
+        stored = dict(stored_section("bench_clip", mode, section))
         common = {key: settings[key] for key in ("layers", "batch_size", "warmup_steps", "measured_steps")}
         for precision in precisions:
-            result = run_forked(measure_side_by_side, timeout=3000, precision=precision, jsonl=data["jsonl"], compiled=True, **common)
-            logger.info("compiled_train %s: ours/baseline %.2fx, compiled/baseline %.2fx", precision, result["ours_over_baseline"],
-                        result["compiled_over_baseline"])
+            result = run_forked(measure, timeout=3000, precision=precision, jsonl=data["jsonl"], **common)
+            logger.info("%s %s: %s", section, precision, {k: round(v, 2) for k, v in result.items() if k.endswith("_over_baseline")})
             store_keeping_earlier(stored, precision, {**result, "layers": settings["layers"], **stamp})
-        out["compiled_train"] = stored
-    if "matmul_share" in sections:  # ours and the baseline side by side, their matrix multiplications replayed alone
-        stored = dict(stored_section("bench_clip", mode, "matmul_share"))
-        common = {key: settings[key] for key in ("layers", "batch_size", "warmup_steps", "measured_steps")}
-        for precision in precisions:
-            result = run_forked(measure_matmul_share, timeout=3000, precision=precision, jsonl=data["jsonl"], **common)
-            logger.info("matmul_share %s: matmuls %.0f%% of ours, %.0f%% of the baseline; ours/baseline %.2fx, %.2fx if ours spent "
-                        "nothing outside its matmuls", precision, 100 * result["ours"]["matmul_share"],
-                        100 * result["baseline"]["matmul_share"], result["ours_over_baseline"], result["ceiling_over_baseline"])
-            store_keeping_earlier(stored, precision, {**result, "layers": settings["layers"], **stamp})
-        out["matmul_share"] = stored
+        out[section] = stored
     if "retrieval" in sections:
         runs = []
         for chunk_size in (1024, 256):
