@@ -351,11 +351,9 @@ def _json_records(path: str):
     """The objects of a JSON Lines file one line at a time, or of a JSON document (an array of objects, or one
     object spread over lines: read whole, as datasets reads them)."""
     with open(path, encoding="utf-8") as f:
-        start = f.read(4096).lstrip()
+        first_line = next((line for line in f if line.strip()), "").strip()
         f.seek(0)
-        first_line = next((line for line in f if line.strip()), "")
-        f.seek(0)
-        if start.startswith("[") or not _is_json(first_line):
+        if first_line.startswith("[") or not _is_json(first_line):  # "[": an array, even one on a single line
             try:
                 document = json.load(f)
             except json.JSONDecodeError as err:
