@@ -58,6 +58,7 @@ from utils.report import LazyImages, write_retrieval_gallery
 from utils.retrieval import chance_recall, retrieval_metrics
 from utils.streams import ImageTextStream, StreamLoaderMixin, stream_options
 from utils.text import resolve_max_length
+from utils.towers import pool_last_layers
 from utils.training import (
     NonFiniteGuard,
     RunArguments,
@@ -103,6 +104,11 @@ class ModelArguments(ModelSourceArguments):
         default=None,
         metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2, ... (default: transformers' choice, sdpa where the "
                           "model has it; but eager when training in bf16 on CPU, where sdpa's backward is the slower one)."},
+    )
+    pooled_last_layer: bool = field(
+        default=True,
+        metadata={"help": "Run each CLIP tower's last layer at the token it pools alone (the same embeddings and gradients; 7%% "
+                          "fewer FLOPs at ViT-B/32). --pooled_last_layer false runs the model's own forward."},
     )
     gather_negatives: bool = field(
         default=True, metadata={"help": "With several processes, contrast against the features of every process."}
@@ -517,6 +523,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args)
     choose_attention(model, model_args, training_args)
+    if model_args.pooled_last_layer and (towers := pool_last_layers(model)):
+        logger.info("Last layer computed at the pooled token only in: %s (--pooled_last_layer false to turn off)", ", ".join(towers))
     answer_input_embeddings(model)
     if model_args.freeze_vision_model:
         freeze(model.vision_model)

@@ -62,6 +62,7 @@ from benchmarks.common import (  # noqa: E402
     write_image_text_data,
 )
 from run_clip import ClampLogitScaleCallback, ClipCollator, ClipTrainer, ModelArguments, choose_attention  # noqa: E402
+from utils.towers import pool_last_layers, restore_towers  # noqa: E402
 from utils.data import ImageTextDataset, load_splits, sample_seed  # noqa: E402
 from utils.images import ImageTransformSpec, build_image_transform, load_image, normalize_pixels  # noqa: E402
 from utils.losses import clip_loss  # noqa: E402
@@ -70,7 +71,7 @@ from utils.retrieval import retrieval_metrics  # noqa: E402
 logger = logging.getLogger("bench_clip")
 
 SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval", "compile", "checkpointing", "channels_last",
-            "attention", "compiled_train", "matmul_share")
+            "attention", "compiled_train", "matmul_share", "pooled_last_layer")
 # Not run unless asked for (--sections): each compiles or steps the full model for minutes.
 DEFAULT_SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval")
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-5, 0.1, 1.0  # run_clip's README recipe; the Trainer clips at 1.0
@@ -206,6 +207,7 @@ class TrainingLoop:
             # run_clip's attention choice for this device and precision (eager in bf16 on CPU); the baseline keeps
             # transformers' default (sdpa), as the example does.
             choose_attention(model, SimpleNamespace(attn_implementation=None), SimpleNamespace(bf16=precision == "bf16", device=self.device))
+            pool_last_layers(model)  # run_clip's default, --pooled_last_layer
             dataset = build_our_dataset(jsonl, spec, draft=pipeline != "ours_full_decode")
             if pipeline == "ours_compiled":
                 from accelerate.utils import compile_regions
@@ -510,6 +512,8 @@ def _measure_trainer(model, tokenizer, spec, precision, batch_size, warmup_steps
     """ClipTrainer.train() as run_clip's main() sets it up; a step is the time between two step ends (data
     loading for the step included)."""
     timer = _StepTimer()
+    choose_attention(model, SimpleNamespace(attn_implementation=None), SimpleNamespace(bf16=precision == "bf16", device=torch.device("cpu")))
+    pool_last_layers(model)
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir, use_cpu=True, bf16=precision == "bf16", per_device_train_batch_size=batch_size,
@@ -952,6 +956,45 @@ def measure_attention(layers: int, batch_size: int, rounds: int, precision: str)
     }
 
 
+def measure_pooled_last_layer(layers: int, batch_size: int, rounds: int, precision: str) -> dict:
+    """The model step with each tower's last layer computed over every position (the model's own forward) and at
+    the pooled token alone (utils.towers, run_clip's --pooled_last_layer), alternating in one process on the same
+    weights and batch, with run_clip's attention choice; the FLOPs of each, counted by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, tokenizer = _new_model(layers)
+    choose_attention(model, SimpleNamespace(attn_implementation=None), SimpleNamespace(bf16=precision == "bf16", device=torch.device("cpu")))
+    batch = caption_batch(tokenizer, batch_size, 23, torch.Generator().manual_seed(0))
+    variants = {"full": restore_towers, "pooled": pool_last_layers}
+    load_start = load_average()
+    seconds, losses, gflops = {name: [] for name in variants}, {}, {}
+    for name, switch in variants.items():
+        switch(model)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            clip_step(model, batch, precision)
+        gflops[name] = counter.get_total_flops() / 1e9
+    for index in range(rounds + 1):  # round 0 warms up both
+        for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
+            variants[name](model)
+            start = time.perf_counter()
+            losses[name] = clip_step(model, batch, precision)
+            if index:
+                seconds[name].append(time.perf_counter() - start)
+    return {
+        "precision": precision,
+        "batch_size": batch_size,
+        "text_tokens": batch["input_ids"].shape[1],
+        "gflops": gflops,
+        "step_s": {name: median(v) for name, v in seconds.items()},
+        "step_s_all": {name: [round(x, 2) for x in v] for name, v in seconds.items()},
+        "speedup": seconds_ratio(seconds["full"], seconds["pooled"]),
+        "loss": losses,
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
 # --- Input pipeline ----------------------------------------------------------------------------------------
 
 
@@ -1308,6 +1351,19 @@ def _fast_path_tables(sections: dict) -> list[str]:
             ["precision", "model", "batch", "image tokens", "step s, sdpa", "step s, sdpa math", "step s, eager",
              "eager speedup", "per round", "load avg"],
             rows, attention)
+    pooled = sections.get("pooled_last_layer")
+    if pooled:
+        rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["text_tokens"], f"{r['gflops']['full']:.0f}",
+                 f"{r['gflops']['pooled']:.0f}", r["step_s"]["full"], r["step_s"]["pooled"], f"{r['speedup']['median']:.2f}x",
+                 " ".join(f"{x:.2f}" for x in r["speedup"]["per_round"]), f"{abs(r['loss']['full'] - r['loss']['pooled']):.1e}",
+                 r["load_avg_start"][0]] for precision, r in pooled.items()]
+        out += _fast_path_block(
+            "**Last layer at the pooled token** (`--pooled_last_layer`, utils/towers.py) on the model step: each tower's last "
+            "layer over every position (the model's own forward) and at the token CLIP pools alone, alternating on the "
+            "same weights and batch; GFLOP of forward + backward by FlopCounterMode",
+            ["precision", "model", "batch", "text tokens", "GFLOP, full", "GFLOP, pooled", "step s, full", "step s, pooled",
+             "speedup", "per round", "loss difference", "load avg"],
+            rows, pooled)
     compiled = sections.get("compiled_train")
     if compiled:
         rows = [[precision, _layers_note(r["layers"]), f"{r['ours']['samples_per_s']:.2f}", f"{r['ours_compiled']['samples_per_s']:.2f}",
@@ -1518,7 +1574,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["train"] = {"settings": common, **summarize_training(runs), "runs": runs, "commands": commands, "data": data, **stamp}
         logger.info("ours/baseline: %s", {p: round(v["median"], 2) for p, v in out["train"]["ours_over_baseline"].items()})
     fast_path_sections = {"compile": measure_compile, "checkpointing": measure_checkpointing, "channels_last": measure_channels_last,
-                          "attention": measure_attention}
+                          "attention": measure_attention, "pooled_last_layer": measure_pooled_last_layer}
     for section, measure in fast_path_sections.items():
         if section not in sections:
             continue

@@ -1,0 +1,105 @@
+"""utils.towers: the CLIP towers whose last layer runs at the pooled token give the model's own embeddings and
+gradients, in float64, for both of CLIPTextModel's pooling rules, with padding, and with a second eos token."""
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, CLIPConfig, CLIPModel, CLIPVisionConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
+from utils.towers import eos_positions, pool_last_layers, restore_towers
+
+EOS = 7
+
+
+def tiny_clip(eos_token_id: int = EOS, attn_implementation: str = "sdpa") -> CLIPModel:
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"vocab_size": 50, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                     "num_attention_heads": 4, "max_position_embeddings": 16, "bos_token_id": 1, "pad_token_id": 0,
+                     "eos_token_id": eos_token_id},
+        vision_config={"image_size": 16, "patch_size": 4, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 3, "num_attention_heads": 4},
+        projection_dim=16,
+    )
+    config._attn_implementation = attn_implementation
+    return CLIPModel(config).double()
+
+
+def captions(eos_token_id: int) -> dict:
+    """Five captions of lengths 3-9 padded to 10 with id 0; eos ends each; the third holds a second eos earlier."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.zeros(5, 10, dtype=torch.long)
+    attention_mask = torch.zeros(5, 10, dtype=torch.long)
+    for row, length in enumerate((3, 9, 7, 5, 10)):
+        input_ids[row, : length - 1] = torch.randint(8, 40, (length - 1,), generator=generator)
+        input_ids[row, length - 1] = eos_token_id
+        attention_mask[row, :length] = 1
+    input_ids[2, 3] = eos_token_id
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def embeddings_and_gradients(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    outputs = model(**batch)
+    # Any scalar of both embeddings reaches every parameter; a fixed projection keeps the gradients informative.
+    weights = torch.linspace(-1, 1, outputs.image_embeds.numel(), dtype=torch.float64)
+    loss = (outputs.image_embeds.flatten() * weights).sum() + (outputs.text_embeds ** 3).sum()
+    loss.backward()
+    return outputs.image_embeds.detach(), outputs.text_embeds.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("eos_token_id", [EOS, 2], ids=["first_eos", "highest_id"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+def test_pooled_last_layer_gives_the_models_embeddings_and_gradients(eos_token_id, attn_implementation, checkpointing):
+    reference = tiny_clip(eos_token_id, attn_implementation)
+    pooled = copy.deepcopy(reference)
+    assert pool_last_layers(pooled) == ["vision_model", "text_model"]
+    batch = {**captions(eos_token_id), "pixel_values": torch.randn(5, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))}
+    if eos_token_id == 2:
+        batch["input_ids"][batch["input_ids"] == 2] = 45  # the highest id ends each caption under the old rule
+    for model in (reference, pooled):
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+
+    image, text, gradients = embeddings_and_gradients(reference, batch)
+    image_pooled, text_pooled, gradients_pooled = embeddings_and_gradients(pooled, batch)
+
+    # transformers' eager attention takes its softmax in float32 whatever the dtype: float32's precision there.
+    rtol, atol = (1e-9, 1e-12) if attn_implementation == "sdpa" else (1e-5, 1e-7)
+    torch.testing.assert_close(image_pooled, image, rtol=rtol, atol=atol)
+    torch.testing.assert_close(text_pooled, text, rtol=rtol, atol=atol)
+    assert gradients.keys() == gradients_pooled.keys()
+    for name, gradient in gradients.items():
+        # A key bias's true gradient is 0 (softmax ignores a shift shared by all keys): both are rounding noise.
+        torch.testing.assert_close(gradients_pooled[name], gradient, rtol=rtol, atol=atol, msg=name)
+    assert gradients["logit_scale"] is None  # the only parameter the loss above leaves out
+    assert max(g.abs().max().item() for g in gradients.values() if g is not None) > 1e-3
+
+
+def test_text_pooling_position_is_the_models():
+    model = tiny_clip()
+    batch = captions(EOS)
+    # The third caption has an eos at 3 before its last one at 6: CLIP pools at the first.
+    assert eos_positions(model.text_model, batch["input_ids"]).tolist() == [2, 8, 3, 4, 9]
+
+
+def test_only_clip_towers_change_and_restore_brings_back_the_full_forward():
+    torch.manual_seed(0)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        BertConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=16,
+    )
+    dual = VisionTextDualEncoderModel(config).eval()
+    pixel_values = torch.randn(2, 3, 16, 16)
+    expected = dual.get_image_features(pixel_values=pixel_values).pooler_output
+    assert pool_last_layers(dual) == ["vision_model"]
+    torch.testing.assert_close(dual.get_image_features(pixel_values=pixel_values).pooler_output, expected)
+    with pytest.raises(ValueError, match="output_hidden_states.*restore_towers"):
+        dual.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+    restore_towers(dual)
+    outputs = dual.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+    assert outputs.last_hidden_state.shape == (2, 17, 32) and len(outputs.hidden_states) == 3
