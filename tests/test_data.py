@@ -7,7 +7,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from utils.data import ImageTextDataset, check_columns, guess_column, load_splits, parse_caption_column, sample_seed
+from utils.data import UNREADABLE_COLUMN, ImageTextDataset, check_columns, guess_column, load_splits, parse_caption_column, sample_seed
 from utils.images import ImageTransformSpec, build_image_transform
 
 SPEC = ImageTransformSpec(resize_height=16, resize_width=16)
@@ -85,7 +85,7 @@ def test_jsonl_stream_keeps_each_row_as_written(tmp_path):
     """Streamed, datasets typed a jsonl's columns from its first block (1 MiB here) and cast the rest: a later row
     with a key of its own, or a caption string where that block held lists, stopped the run there. Each row now
     keeps its values as written ("null" and "42" are text), columns are those of the first rows, and a line that
-    is not JSON is an error naming it."""
+    is not JSON becomes a row that says so, which training streams skip and record (test_streaming.py)."""
     path = tmp_path / "train.jsonl"
     rows = [{"image": "images/0.png", "captions": [f"a red box {i}", "a box"], "source": "coco"} for i in range(15_000)]
     rows[14_000] = {"image": "images/1.png", "captions": "one caption", "source": "42", "extra": "late"}
@@ -93,19 +93,31 @@ def test_jsonl_stream_keeps_each_row_as_written(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert path.stat().st_size > 1 << 20  # past the first block the old stream typed from
     split = load_one(path, streaming=True)
-    assert list(split.rows.features) == ["image", "captions", "source"]
+    assert list(split.rows.features) == ["image", "captions", "source", UNREADABLE_COLUMN]
     streamed = list(split.rows)
-    assert len(streamed) == 15_000 and streamed[0] == rows[0]
-    assert streamed[14_000] == {"image": "images/1.png", "captions": "one caption", "source": "42"}
-    assert streamed[14_001] == {"image": "images/2.png", "captions": "null", "source": None}
-    path.write_text(json.dumps(rows[0]) + "\n\n" + "{not json\n")
-    with pytest.raises(ValueError, match=r"train.jsonl'?, line 3: not JSON"):
-        list(load_one(path, streaming=True).rows)
+    assert len(streamed) == 15_000 and streamed[0] == {**rows[0], UNREADABLE_COLUMN: None}
+    assert streamed[14_000] == {"image": "images/1.png", "captions": "one caption", "source": "42", UNREADABLE_COLUMN: None}
+    assert streamed[14_001] == {"image": "images/2.png", "captions": "null", "source": None, UNREADABLE_COLUMN: None}
+    path.write_text(json.dumps(rows[0]) + "\n\n" + "{not json\n" + "[1, 2]\n")
+    first, *unreadable = load_one(path, streaming=True).rows
+    assert first == {**rows[0], UNREADABLE_COLUMN: None}
+    assert [row[UNREADABLE_COLUMN].split(" (")[0] for row in unreadable] == ["line 3: not JSON", "line 4: a JSON list, not an object of columns"]
+    assert all(row["image"] is None and row["captions"] is None for row in unreadable)
     path.write_text("{not json\n" + json.dumps(rows[0]) + "\n")
     with pytest.raises(ValueError, match=r"train.jsonl'?: neither JSON Lines \(line 1 is not JSON\) nor one JSON document"):
         list(load_one(path, streaming=True).rows)
     path.write_text(json.dumps(rows[0], indent=2))  # one object over several lines: one row, as read whole
-    assert list(load_one(path, streaming=True).rows) == [rows[0]] == list(load_one(path).rows)
+    assert list(load_one(path, streaming=True).rows) == [{**rows[0], UNREADABLE_COLUMN: None}]
+    assert list(load_one(path).rows) == [rows[0]]
+
+
+def test_a_jsonl_line_that_is_not_json_stops_a_whole_load_naming_it(tmp_path):
+    """Read whole, datasets' json builder logged pyarrow's reason and raised only "An error occurred while
+    generating the dataset"; the error now names the file and the line (streamed, the line is skipped instead)."""
+    row = json.dumps({"image": "images/0.png", "captions": ["a red box"]})
+    (tmp_path / "train.jsonl").write_text(f"{row}\n{row}\n" + '{"image": "images/1.png", "capt\n' + f"{row}\n")
+    with pytest.raises(ValueError, match=r"train.jsonl'?, line 3: not JSON"):
+        load_one(tmp_path / "train.jsonl")
 
 
 def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):

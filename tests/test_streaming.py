@@ -29,7 +29,7 @@ from utils.data import SkippedSamples, load_splits
 from utils.demo import build_demo_clip, write_demo_dataset
 from utils.demo_caption import build_tiny_blip
 from utils.demo_vqa import build_demo_vilt
-from utils.streams import ImageTextStream
+from utils.streams import BadSample, ImageTextStream
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +75,7 @@ def assets(tmp_path_factory):
         "train4": write_shards(root / "train4", train, per_shard=8),  # 4 shards: 2 processes read 2 each
         "train3": write_shards(root / "train3", train, per_shard=11),  # 3 shards: each process keeps every 2nd row
         "validation": write_shards(root / "validation", validation, per_shard=4),
-        "train_samples": train,
+        "train_samples": train, "train_samples_jsonl": data["train"],
         "clip": str(root / "clip"), "blip": str(root / "blip"), "vilt": str(root / "vilt"), "root": root,
     }
 
@@ -202,6 +202,30 @@ def test_bad_rows_are_skipped_recorded_once_and_budgeted(assets, tmp_path):
     strict = stream(folder, skip_log=SkippedSamples(str(tmp_path / "strict.jsonl")), max_bad_fraction=0.1)
     with pytest.raises(ValueError, match="max_bad_samples_fraction"):
         take(strict, 20)
+
+
+def test_unreadable_jsonl_lines_are_skipped_and_recorded(assets, tmp_path):
+    """A jsonl line that is not a JSON object (here one in the middle, and the last, cut short as a killed writer
+    leaves it) is skipped and recorded by its line number, and budgeted as a bad image is: the run goes on."""
+    data = os.path.dirname(assets["train_samples_jsonl"])
+    lines = [json.dumps({**json.loads(line), "captions": [f"#{n} a scene"]}) for n, line in enumerate(open(assets["train_samples_jsonl"]))][:12]
+    lines[5] = '{"image": "images/x.png", "captions": ["cut'
+    lines[11] = lines[11][: len(lines[11]) // 2]
+    path = os.path.join(data, "unreadable.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))  # no newline after the last line
+    log = SkippedSamples(str(tmp_path / "skipped_samples.jsonl"))
+    lenient = stream(path, skip_log=log, max_bad_fraction=0.2)
+    two_passes = numbers(take(lenient, 20))
+    assert sorted(two_passes[:10]) == sorted(set(range(12)) - {5, 11}) and sorted(two_passes[10:]) == sorted(two_passes[:10])
+    skipped = [json.loads(line) for line in open(log.path)]
+    assert {r["row"] for r in skipped} == {"line 6", "line 12"} and len(skipped) == 2  # recorded in the first pass only
+    assert all(r["reason"].startswith("not JSON (") for r in skipped)
+    strict = stream(path, skip_log=SkippedSamples(str(tmp_path / "strict.jsonl")), max_bad_fraction=0.1)
+    with pytest.raises(ValueError, match="max_bad_samples_fraction"):
+        take(strict, 20)
+    with pytest.raises(BadSample, match=r"unreadable.jsonl, row line \d+: not JSON"):
+        take(stream(path), 20)  # without a skip log, the first one stops the stream, naming it
 
 
 # --- The scripts ----------------------------------------------------------------------------------------------

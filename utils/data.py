@@ -43,6 +43,9 @@ IMAGE_FOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 WEBDATASET_KEY_SAMPLES = 5
 JSON_BATCH_ROWS = 10_000
 JSON_STREAM_KEY_ROWS = 1000
+# In a jsonl stream, a line that cannot be read becomes a row whose only value is here: "line N: why". The
+# training stream skips and records it (utils.streams), as it does a row whose image will not decode.
+UNREADABLE_COLUMN = "__unreadable__"
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 
 
@@ -317,7 +320,13 @@ def _load_local(path: str, cache_dir: str | None, streaming: bool = False) -> Sp
         kwargs = {"features": csv_text_features(path), "keep_default_na": False, "na_filter": False}
     if builder == "json" and streaming:
         return Split(stream_json(path), os.path.dirname(path), path)
-    rows = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, streaming=streaming, **kwargs)
+    try:
+        rows = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir, streaming=streaming, **kwargs)
+    except datasets.exceptions.DatasetGenerationError:
+        if builder == "json":  # pyarrow's reason went to the log, the exception says only that generation failed
+            for _ in _json_records(path):  # raises a ValueError naming the first line that is not a JSON object
+                pass
+        raise
     if streaming:  # read as it trains; restore_json_columns would read the whole file
         return Split(rows, os.path.dirname(path), path)
     if len(rows) == 0:
@@ -332,24 +341,35 @@ def stream_json(path: str) -> datasets.IterableDataset:
     at a time. Its columns are the keys of its first JSON_STREAM_KEY_ROWS rows: a later row's other keys are left
     out, a key it lacks is None. datasets' json stream typed each column from the first block of the file and cast
     the rest to it: a later row with a new key, or with a caption string where that block held lists, stopped the
-    run there."""
+    run there. A line that is not a JSON object (a truncated last line, say) becomes a row holding only
+    UNREADABLE_COLUMN, which a training stream skips and records: the run goes on."""
     keys = {}
-    for record in itertools.islice(_json_records(path), JSON_STREAM_KEY_ROWS):
-        keys.update(dict.fromkeys(record))
+    for record in itertools.islice(_json_records(path, unreadable_lines=True), JSON_STREAM_KEY_ROWS):
+        if not isinstance(record, UnreadableLine):
+            keys.update(dict.fromkeys(record))
     columns = tuple(keys)  # a tuple: a list in gen_kwargs would be split into shards
-    return datasets.IterableDataset.from_generator(
-        _json_rows, features=datasets.Features({name: datasets.Json() for name in columns}), gen_kwargs={"path": path, "columns": columns}
-    )
+    features = datasets.Features({**{name: datasets.Json() for name in columns}, UNREADABLE_COLUMN: datasets.Value("string")})
+    return datasets.IterableDataset.from_generator(_json_rows, features=features, gen_kwargs={"path": path, "columns": columns})
 
 
 def _json_rows(path: str, columns: tuple[str, ...]):
-    for record in _json_records(path):
-        yield {name: _json_text(record.get(name)) for name in columns}
+    for record in _json_records(path, unreadable_lines=True):
+        if isinstance(record, UnreadableLine):
+            yield {**dict.fromkeys(columns, _json_text(None)), UNREADABLE_COLUMN: f"line {record.number}: {record.reason}"}
+        else:
+            yield {**{name: _json_text(record.get(name)) for name in columns}, UNREADABLE_COLUMN: None}
 
 
-def _json_records(path: str):
+@dataclass
+class UnreadableLine:
+    number: int
+    reason: str
+
+
+def _json_records(path: str, unreadable_lines: bool = False):
     """The objects of a JSON Lines file one line at a time, or of a JSON document (an array of objects, or one
-    object spread over lines: read whole, as datasets reads them)."""
+    object spread over lines: read whole, as datasets reads them). A line that is not a JSON object raises a
+    ValueError naming it, or with `unreadable_lines` is given as an `UnreadableLine`."""
     with open(path, encoding="utf-8") as f:
         first_line = next((line for line in f if line.strip()), "").strip()
         f.seek(0)
@@ -361,12 +381,20 @@ def _json_records(path: str):
             records = enumerate(document if isinstance(document, list) else [document], start=1)
             where = "item"
         else:
-            records = ((number, _json_line(path, number, line)) for number, line in enumerate(f, start=1) if line.strip())
+            records = ((number, _json_line(line)) for number, line in enumerate(f, start=1) if line.strip())
             where = "line"
         for number, record in records:
-            if not isinstance(record, dict):
-                raise ValueError(f"data file {path!r}, {where} {number}: a JSON {type(record).__name__}, not an object of columns")
-            yield record
+            if isinstance(record, json.JSONDecodeError):
+                reason = f"not JSON ({record})"
+            elif not isinstance(record, dict):
+                reason = f"a JSON {type(record).__name__}, not an object of columns"
+            else:
+                yield record
+                continue
+            if unreadable_lines and where == "line":
+                yield UnreadableLine(number, reason)
+            else:
+                raise ValueError(f"data file {path!r}, {where} {number}: {reason}")
 
 
 def _is_json(text: str) -> bool:
@@ -377,11 +405,12 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def _json_line(path: str, number: int, line: str):
+def _json_line(line: str):
+    """The line's JSON value, or the error that reading it raised."""
     try:
         return json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"data file {path!r}, line {number}: not JSON ({err})") from None
+        return err
 
 
 def _load_image_folder(metadata: str, cache_dir: str | None, streaming: bool) -> Split:

@@ -28,7 +28,7 @@ import random
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from .data import EpochAware, SkippedSamples, Split, check_bad_fraction, sample_seed
+from .data import UNREADABLE_COLUMN, EpochAware, SkippedSamples, Split, check_bad_fraction, sample_seed
 from .images import ImageLoadError, load_image
 from .text import parse_captions
 
@@ -48,6 +48,8 @@ def sample_key(row: dict, image_column: str) -> str:
     sample, else the image's path, else a digest of the image bytes."""
     if row.get("__key__") is not None:
         return f"{os.path.basename(row.get('__url__') or '')}/{row['__key__']}"
+    if row.get(UNREADABLE_COLUMN):  # "line N: why"
+        return row[UNREADABLE_COLUMN].partition(": ")[0]
     value = row.get(image_column)
     if isinstance(value, str):
         return value
@@ -68,7 +70,8 @@ class TrainingStream(EpochAware, torch.utils.data.IterableDataset):
     (`make_sample`). Random choices in `make_sample` come from an RNG seeded by (seed, pass, the row's key), so a
     resumed run replays them.
 
-    Bad rows: `make_sample` raises `BadSample`; the row is left out, recorded in `skip_log` (in the first pass;
+    Bad rows: `make_sample` raises `BadSample` (or the row is a line of a jsonl that could not be read, its
+    UNREADABLE_COLUMN set); the row is left out, recorded in `skip_log` (in the first pass;
     each process records the rows it reads) and counted: past `max_bad_fraction` of the rows read (judged after
     `BUDGET_MIN_ROWS` rows and at the end of every pass) the run stops. Without a `skip_log`, a bad row raises.
     """
@@ -115,7 +118,7 @@ class TrainingStream(EpochAware, torch.utils.data.IterableDataset):
         rows = self.rows
         if self.num_processes > 1:
             rows = split_dataset_by_node(rows, rank=self.process_index, world_size=self.num_processes)
-        row = next(iter(rows), None)
+        row = next((row for row in rows if not row.get(UNREADABLE_COLUMN)), None)
         if row is None:
             raise ValueError(
                 f"{self.origin} gives process {self.process_index} of {self.num_processes} no rows: it holds fewer rows "
@@ -138,6 +141,8 @@ class TrainingStream(EpochAware, torch.utils.data.IterableDataset):
                 read_in_pass += 1
                 key = sample_key(row, self.image_column)
                 try:
+                    if row.get(UNREADABLE_COLUMN):  # a jsonl line that is not a JSON object
+                        raise BadSample(row[UNREADABLE_COLUMN].partition(": ")[2])
                     sample = self.make_sample(row, random.Random(sample_seed(self.seed, pass_number, key_number(key))))
                 except BadSample as err:
                     bad += 1
