@@ -921,6 +921,22 @@ def measure_channels_last(layers: int, batch_size: int, rounds: int, precision: 
     }
 
 
+def alternate(variants: dict, rounds: int, step) -> tuple[dict, dict]:
+    """`step()` under each variant in turn (a variant sets the model up and returns the context to step in), for
+    `rounds` timed rounds after one that warms every variant up, the order reversed every other round. Returns each
+    variant's seconds per round and its last step's result."""
+    seconds, results = {name: [] for name in variants}, {}
+    for index in range(rounds + 1):
+        for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
+            with variants[name]():
+                start = time.perf_counter()
+                results[name] = step()
+                elapsed = time.perf_counter() - start
+            if index:
+                seconds[name].append(elapsed)
+    return seconds, results
+
+
 def measure_attention(layers: int, batch_size: int, rounds: int, precision: str) -> dict:
     """The model step with each attention implementation, alternating in one process on the same weights and
     batch: transformers' default sdpa (torch's fused CPU kernel, whose backward is _scaled_dot_product_flash_
@@ -929,19 +945,14 @@ def measure_attention(layers: int, batch_size: int, rounds: int, precision: str)
 
     model, tokenizer = _new_model(layers)
     batch = caption_batch(tokenizer, batch_size, 23, torch.Generator().manual_seed(0))
-    variants = {"sdpa": ("sdpa", contextlib.nullcontext), "sdpa_math": ("sdpa", lambda: sdpa_kernel([SDPBackend.MATH])),
-                "eager": ("eager", contextlib.nullcontext)}
+    def attention(implementation: str, context=contextlib.nullcontext):
+        model.set_attn_implementation(implementation)
+        return context()
+
+    variants = {"sdpa": partial(attention, "sdpa"), "sdpa_math": partial(attention, "sdpa", lambda: sdpa_kernel([SDPBackend.MATH])),
+                "eager": partial(attention, "eager")}
     load_start = load_average()
-    seconds, losses = {name: [] for name in variants}, {}
-    for index in range(rounds + 1):  # round 0 warms up every variant
-        for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
-            implementation, context = variants[name]
-            model.set_attn_implementation(implementation)
-            start = time.perf_counter()
-            with context():
-                losses[name] = clip_step(model, batch, precision)
-            if index:
-                seconds[name].append(time.perf_counter() - start)
+    seconds, losses = alternate(variants, rounds, lambda: clip_step(model, batch, precision))
     return {
         "precision": precision,
         "batch_size": batch_size,
@@ -965,22 +976,19 @@ def measure_pooled_last_layer(layers: int, batch_size: int, rounds: int, precisi
     model, tokenizer = _new_model(layers)
     choose_attention(model, SimpleNamespace(attn_implementation=None), SimpleNamespace(bf16=precision == "bf16", device=torch.device("cpu")))
     batch = caption_batch(tokenizer, batch_size, 23, torch.Generator().manual_seed(0))
-    variants = {"full": restore_towers, "pooled": pool_last_layers}
-    load_start = load_average()
-    seconds, losses, gflops = {name: [] for name in variants}, {}, {}
-    for name, switch in variants.items():
+    def towers(switch) -> contextlib.nullcontext:
         switch(model)
+        return contextlib.nullcontext()
+
+    variants = {"full": partial(towers, restore_towers), "pooled": partial(towers, pool_last_layers)}
+    load_start = load_average()
+    gflops = {}
+    for name, variant in variants.items():
         counter = FlopCounterMode(display=False)
-        with counter:
+        with variant(), counter:
             clip_step(model, batch, precision)
         gflops[name] = counter.get_total_flops() / 1e9
-    for index in range(rounds + 1):  # round 0 warms up both
-        for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
-            variants[name](model)
-            start = time.perf_counter()
-            losses[name] = clip_step(model, batch, precision)
-            if index:
-                seconds[name].append(time.perf_counter() - start)
+    seconds, losses = alternate(variants, rounds, lambda: clip_step(model, batch, precision))
     return {
         "precision": precision,
         "batch_size": batch_size,
