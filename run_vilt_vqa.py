@@ -60,6 +60,7 @@ from utils.images import ImageLoadError, ImageTransformSpec, load_image, normali
 from utils.report import write_vqa_gallery
 from utils.streams import BadSample, StreamLoaderMixin, TrainingStream, stream_options
 from utils.text import resolve_max_length
+from utils.towers import pool_last_layers
 from utils.training import (
     NonFiniteGuard,
     RunArguments,
@@ -91,6 +92,11 @@ class ModelArguments(ModelSourceArguments):
     rebuild_answer_vocab: bool = field(
         default=False,
         metadata={"help": "With a checkpoint that already has answers (id2label): replace them by the training set's, with a new output layer."},
+    )
+    pooled_last_layer: bool = field(
+        default=True,
+        metadata={"help": "Run the last layer at the [CLS] token the answer head reads, alone (the same answers and gradients; "
+                          "fewer FLOPs). --pooled_last_layer false runs the model's own forward."},
     )
 
     def __post_init__(self):
@@ -624,6 +630,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. Model, processor and answer set; seeded first, as a new answer head is initialized at random.
     set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args, train_answers, data_args)
+    if model_args.pooled_last_layer and pool_last_layers(model):
+        logger.info("Last layer computed at the [CLS] token only (--pooled_last_layer false to turn off)")
     trainable, total = count_parameters(model)
     logger.info("%s: %.1fM parameters, %.1fM trainable, %d answers", type(model).__name__, total / 1e6, trainable / 1e6, model.config.num_labels)
     check_disk_space(training_args.output_dir, model, training=training_args.do_train)

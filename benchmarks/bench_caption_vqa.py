@@ -47,6 +47,7 @@ from benchmarks.common import (  # noqa: E402
     command_line,
     describe_machine,
     current_rss_mib,
+    compare_last_layers,
     load_average,
     markdown_table,
     median,
@@ -71,6 +72,7 @@ from run_blip_caption import (  # noqa: E402
 from run_vilt_vqa import ViltImageTransform, VQACollator  # noqa: E402
 from utils.demo_caption import build_demo_opt_tokenizer  # noqa: E402
 from utils.images import ImageTransformSpec, build_image_transform, load_image, normalize_pixels  # noqa: E402
+from utils.towers import pool_last_layers  # noqa: E402
 from utils.vqa import soft_score_targets  # noqa: E402
 
 logger = logging.getLogger("bench_caption_vqa")
@@ -141,14 +143,9 @@ def measure_vqa(precision: str, paths: list[str], questions: list[str], batch_si
     sigmoid top-5 answers). Warm-up: one batch of two questions."""
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    tokenizer = bert_tokenizer(extra_bos=False)
-    config = ViltConfig(num_labels=VQA_ANSWERS, id2label={i: f"answer {i}" for i in range(VQA_ANSWERS)},
-                        label2id={f"answer {i}": i for i in range(VQA_ANSWERS)})
-    model = ViltForQuestionAnswering(config).eval()
-    processor = ViltImageProcessor()
-    spec = ImageTransformSpec.from_image_processor(processor)
-    transform = ViltImageTransform(spec, processor.size_divisor)
-    collator = VQACollator(tokenizer, config.max_position_embeddings, spec, VQA_ANSWERS)
+    model, transform, collator = build_vilt()
+    model.eval()
+    pool_last_layers(model)  # run_vilt_vqa's default, --pooled_last_layer
 
     def answer(rows):
         t0 = time.perf_counter()
@@ -174,6 +171,26 @@ def measure_vqa(precision: str, paths: list[str], questions: list[str], batch_si
         "load_avg_start": load_start,
         "load_avg_end": load_average(),
     }
+
+
+def build_vilt():
+    """ViLT B/32 from ViltConfig() with a VQA_ANSWERS-answer head, run_vilt_vqa's image transform and collator."""
+    tokenizer = bert_tokenizer(extra_bos=False)
+    config = ViltConfig(num_labels=VQA_ANSWERS, id2label={i: f"answer {i}" for i in range(VQA_ANSWERS)},
+                        label2id={f"answer {i}": i for i in range(VQA_ANSWERS)})
+    model = ViltForQuestionAnswering(config)
+    processor = ViltImageProcessor()
+    spec = ImageTransformSpec.from_image_processor(processor)
+    return model, ViltImageTransform(spec, processor.size_divisor), VQACollator(tokenizer, config.max_position_embeddings, spec, VQA_ANSWERS)
+
+
+def vilt_training_batch(model, transform, collator, paths: list[str], questions: list[str], batch_size: int) -> dict:
+    """A VQA training batch as run_vilt_vqa collates it, every question's ten answers "answer 1"."""
+    targets = soft_score_targets(["answer 1"] * 10, model.config.label2id)
+    batch = collator([{"pixel_values": transform(load_image(p)), "question": q, "example_index": i, "label_ids": targets[0],
+                       "label_scores": targets[1]} for i, (p, q) in enumerate(zip(paths[:batch_size], questions))])
+    batch.pop("example_index")
+    return batch
 
 
 def build_blip(prompt: str):
@@ -285,18 +302,8 @@ def measure_checkpointing(model_name: str, precision: str, paths: list[str], que
             loss_sum, count = caption_token_loss(model(**batch).logits, labels)
             return loss_sum.sum() / count.sum()
     else:
-        tokenizer = bert_tokenizer(extra_bos=False)
-        config = ViltConfig(num_labels=VQA_ANSWERS, id2label={i: f"answer {i}" for i in range(VQA_ANSWERS)},
-                            label2id={f"answer {i}": i for i in range(VQA_ANSWERS)})
-        model = ViltForQuestionAnswering(config)
-        processor = ViltImageProcessor()
-        spec = ImageTransformSpec.from_image_processor(processor)
-        transform = ViltImageTransform(spec, processor.size_divisor)
-        collator = VQACollator(tokenizer, config.max_position_embeddings, spec, VQA_ANSWERS)
-        targets = soft_score_targets(["answer 1"] * 10, config.label2id)
-        batch = collator([{"pixel_values": transform(load_image(p)), "question": q, "example_index": i, "label_ids": targets[0],
-                           "label_scores": targets[1]} for i, (p, q) in enumerate(zip(paths[:batch_size], questions))])
-        batch.pop("example_index")
+        model, transform, collator = build_vilt()
+        batch = vilt_training_batch(model, transform, collator, paths, questions, batch_size)
 
         def loss_of():
             return model(**batch).loss
@@ -326,6 +333,29 @@ def measure_checkpointing(model_name: str, precision: str, paths: list[str], que
         "load_avg_start": load_start,
         "load_avg_end": load_average(),
     }
+
+
+def measure_vqa_pooled(precision: str, paths: list[str], questions: list[str], batch_size: int, rounds: int) -> dict:
+    """ViLT B/32's training step (forward + backward, the model's loss) with its last layer over every position (the
+    model's own forward) and at the [CLS] token alone (utils.towers, run_vilt_vqa's --pooled_last_layer), alternating
+    in one process on the same weights and batch; the FLOPs of each, counted by FlopCounterMode."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model, transform, collator = build_vilt()
+    model.train()
+    batch = vilt_training_batch(model, transform, collator, paths, questions, batch_size)
+
+    def step() -> float:
+        torch.manual_seed(0)  # ViLT draws the order of each image's patches
+        with _autocast(precision):
+            loss = model(**batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    tokens = model.vilt.embeddings(batch["input_ids"], batch["attention_mask"], None, batch["pixel_values"], batch["pixel_mask"],
+                                   None, None, image_token_type_idx=1)[0].shape[1]
+    return {"tokens": int(tokens), **compare_last_layers(model, step, rounds)}
 
 
 def summarize(runs: list[dict], key: str) -> dict:
@@ -424,6 +454,18 @@ def render_markdown(results: dict) -> str:
             out.append(markdown_table(["model", "precision", "batch", "RSS with model MiB", "peak above it, off MiB", "peak above it, on MiB",
                                        "s/step off", "s/step on", "on / off time", "load avg"], rows) + "\n")
             out.append(_commands(checkpointing))
+        pooled = section.get("vqa_pooled")
+        if pooled:
+            rows = [[precision, r["settings"]["batch_size"], r["tokens"], f"{r['gflops']['full']:.0f}", f"{r['gflops']['pooled']:.0f}",
+                     f"{r['step_s']['full']:.2f}", f"{r['step_s']['pooled']:.2f}", f"{r['speedup']['median']:.2f}x",
+                     " ".join(f"{x:.2f}" for x in r["speedup"]["per_round"]), f"{abs(r['loss']['full'] - r['loss']['pooled']):.1e}",
+                     r["load_avg_start"][0]] for precision, r in pooled.items()]
+            out.append("**ViLT B/32, last layer at the [CLS] token** (`--pooled_last_layer`, utils/towers.py), training step (forward "
+                       "+ backward): the last layer over every position (the model's own forward) and at [CLS] alone, alternating on "
+                       "the same weights and batch; GFLOP by FlopCounterMode\n")
+            out.append(markdown_table(["precision", "batch", "tokens", "GFLOP, full", "GFLOP, pooled", "s/step full", "s/step pooled",
+                                       "speedup", "per round", "loss difference", "load avg"], rows) + "\n")
+            out.append(_commands(pooled))
     return "\n".join(out)
 
 
@@ -434,7 +476,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="caption, vqa (inference speed per precision, each run in its own process), caption_eval and "
                              "caption_eval_blip2 (the evaluation's loss + captions, BLIP's or a small BLIP-2's own forward and "
                              "generate vs the script's, alternating), "
-                             "checkpointing (BLIP and ViLT training step with and without activation checkpointing)")
+                             "checkpointing (BLIP and ViLT training step with and without activation checkpointing), "
+                             "vqa_pooled (ViLT training step with its last layer over every position and at [CLS] alone)")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--num_beams", type=int, default=3)
@@ -445,9 +488,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     tasks = [t for t in args.tasks.split(",") if t]
     precisions = [p for p in args.precisions.split(",") if p]
-    if set(tasks) - {"caption", "vqa", "caption_eval", "caption_eval_blip2", "checkpointing"} or set(precisions) - {"fp32", "bf16"}:
+    if set(tasks) - {"caption", "vqa", "caption_eval", "caption_eval_blip2", "checkpointing", "vqa_pooled"} or set(precisions) - {"fp32", "bf16"}:
         raise ValueError(f"--tasks {args.tasks!r} / --precisions {args.precisions!r}: expected "
-                         "caption,vqa,caption_eval,caption_eval_blip2,checkpointing / fp32,bf16")
+                         "caption,vqa,caption_eval,caption_eval_blip2,checkpointing,vqa_pooled / fp32,bf16")
     mode = "quick" if args.quick else "full"
     batches = {
         "caption": {"batch_size": 2 if args.quick else 4, "measured_batches": 1},
@@ -455,6 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
         "caption_eval": {"batch_size": 2 if args.quick else 4, "measured_batches": 1},
         "caption_eval_blip2": {"batch_size": 2 if args.quick else 8, "measured_batches": 1},
         "checkpointing": {"batch_size": 2 if args.quick else 8, "measured_batches": 1},
+        "vqa_pooled": {"batch_size": 2 if args.quick else 8, "measured_batches": 1},
     }
     machine = describe_machine()
     logger.info("%s mode %s; machine %s; load %s", mode, {t: batches[t] for t in tasks}, machine["cpu_model"], load_average())
@@ -468,10 +512,14 @@ def main(argv: list[str] | None = None) -> dict:
     stamp = {"command": command_line(), "when": now(), "mode": mode}
     out = {}
     # Alternating within one process, once per precision (merged into what earlier runs stored for other precisions).
-    for task in [t for t in tasks if t in ("caption_eval", "caption_eval_blip2", "checkpointing")]:
+    for task in [t for t in tasks if t in ("caption_eval", "caption_eval_blip2", "checkpointing", "vqa_pooled")]:
         stored = dict(stored_section("bench_caption_vqa", mode, task))
         for precision in precisions:
-            if task != "checkpointing":
+            if task == "vqa_pooled":
+                result = run_forked(measure_vqa_pooled, timeout=3000, precision=precision, paths=paths, questions=questions,
+                                    batch_size=batches[task]["batch_size"], rounds=args.rounds)
+                logger.info("vqa_pooled %s: %s", precision, {k: result[k] for k in ("gflops", "step_s", "speedup")})
+            elif task != "checkpointing":
                 result = run_forked(measure_caption_eval, timeout=3000, model_name="blip" if task == "caption_eval" else "blip2",
                                     precision=precision, paths=paths, rounds=args.rounds, batch_size=batches[task]["batch_size"],
                                     num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, prompt=args.prompt)

@@ -45,10 +45,12 @@ from torchvision.transforms import CenterCrop, ConvertImageDtype, InterpolationM
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, TrainerCallback, TrainingArguments  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    alternate,
     build_caption_tokenizer,
     command_line,
     current_rss_mib,
     describe_machine,
+    compare_last_layers,
     load_average,
     markdown_table,
     median,
@@ -56,13 +58,14 @@ from benchmarks.common import (  # noqa: E402
     peak_rss_mib,
     replace_markdown_block,
     run_forked,
+    seconds_ratio,
     store_keeping_earlier,
     stored_section,
     update_results,
     write_image_text_data,
 )
 from run_clip import ClampLogitScaleCallback, ClipCollator, ClipTrainer, ModelArguments, choose_attention  # noqa: E402
-from utils.towers import pool_last_layers, restore_towers  # noqa: E402
+from utils.towers import pool_last_layers  # noqa: E402
 from utils.data import ImageTextDataset, load_splits, sample_seed  # noqa: E402
 from utils.images import ImageTransformSpec, build_image_transform, load_image, normalize_pixels  # noqa: E402
 from utils.losses import clip_loss  # noqa: E402
@@ -729,12 +732,6 @@ def measure_model_step(layers: int, batch_size: int, rounds: int, text_length: i
     }
 
 
-def seconds_ratio(slow: list[float], fast: list[float]) -> dict:
-    """slow / fast per round (same round, so the same load), and their median."""
-    per_round = [a / b for a, b in zip(slow, fast)]
-    return {"median": median(per_round), "per_round": [round(r, 3) for r in per_round]}
-
-
 # --- The model's own fast paths: torch.compile, activation checkpointing, channels-last ------------------------
 
 
@@ -921,22 +918,6 @@ def measure_channels_last(layers: int, batch_size: int, rounds: int, precision: 
     }
 
 
-def alternate(variants: dict, rounds: int, step) -> tuple[dict, dict]:
-    """`step()` under each variant in turn (a variant sets the model up and returns the context to step in), for
-    `rounds` timed rounds after one that warms every variant up, the order reversed every other round. Returns each
-    variant's seconds per round and its last step's result."""
-    seconds, results = {name: [] for name in variants}, {}
-    for index in range(rounds + 1):
-        for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
-            with variants[name]():
-                start = time.perf_counter()
-                results[name] = step()
-                elapsed = time.perf_counter() - start
-            if index:
-                seconds[name].append(elapsed)
-    return seconds, results
-
-
 def measure_attention(layers: int, batch_size: int, rounds: int, precision: str) -> dict:
     """The model step with each attention implementation, alternating in one process on the same weights and
     batch: transformers' default sdpa (torch's fused CPU kernel, whose backward is _scaled_dot_product_flash_
@@ -971,36 +952,11 @@ def measure_pooled_last_layer(layers: int, batch_size: int, rounds: int, precisi
     """The model step with each tower's last layer computed over every position (the model's own forward) and at
     the pooled token alone (utils.towers, run_clip's --pooled_last_layer), alternating in one process on the same
     weights and batch, with run_clip's attention choice; the FLOPs of each, counted by FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model, tokenizer = _new_model(layers)
     choose_attention(model, SimpleNamespace(attn_implementation=None), SimpleNamespace(bf16=precision == "bf16", device=torch.device("cpu")))
     batch = caption_batch(tokenizer, batch_size, 23, torch.Generator().manual_seed(0))
-    def towers(switch) -> contextlib.nullcontext:
-        switch(model)
-        return contextlib.nullcontext()
-
-    variants = {"full": partial(towers, restore_towers), "pooled": partial(towers, pool_last_layers)}
-    load_start = load_average()
-    gflops = {}
-    for name, variant in variants.items():
-        counter = FlopCounterMode(display=False)
-        with variant(), counter:
-            clip_step(model, batch, precision)
-        gflops[name] = counter.get_total_flops() / 1e9
-    seconds, losses = alternate(variants, rounds, lambda: clip_step(model, batch, precision))
-    return {
-        "precision": precision,
-        "batch_size": batch_size,
-        "text_tokens": batch["input_ids"].shape[1],
-        "gflops": gflops,
-        "step_s": {name: median(v) for name, v in seconds.items()},
-        "step_s_all": {name: [round(x, 2) for x in v] for name, v in seconds.items()},
-        "speedup": seconds_ratio(seconds["full"], seconds["pooled"]),
-        "loss": losses,
-        "load_avg_start": load_start,
-        "load_avg_end": load_average(),
-    }
+    return {"precision": precision, "batch_size": batch_size, "text_tokens": batch["input_ids"].shape[1],
+            **compare_last_layers(model, lambda: clip_step(model, batch, precision), rounds)}
 
 
 # --- Input pipeline ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Benchmarks are not tests: nothing here asserts, everything here measures and wri
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import multiprocessing
@@ -102,6 +103,72 @@ def current_rss_mib() -> float:
 
 def median(values) -> float:
     return float(statistics.median(values))
+
+
+def alternate(variants: dict, rounds: int, step) -> tuple[dict, dict]:
+    """`step()` under each variant in turn (a variant sets the model up and returns the context to step in), for
+    `rounds` timed rounds after one that warms every variant up, the order reversed every other round. Returns each
+    variant's seconds per round and its last step's result."""
+    seconds, results = {name: [] for name in variants}, {}
+    for index in range(rounds + 1):
+        for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
+            with variants[name]():
+                start = time.perf_counter()
+                results[name] = step()
+                elapsed = time.perf_counter() - start
+            if index:
+                seconds[name].append(elapsed)
+    return seconds, results
+
+
+def seconds_ratio(slow: list[float], fast: list[float]) -> dict:
+    """slow / fast per round (same round, so the same load), and their median."""
+    per_round = [a / b for a, b in zip(slow, fast)]
+    return {"median": median(per_round), "per_round": [round(r, 3) for r in per_round]}
+
+
+def last_layer_variants(model) -> dict:
+    """`alternate`'s variants for utils.towers: the model's last layer over every position ("full", the model's own
+    forward) and at the pooled token alone ("pooled", the scripts' --pooled_last_layer)."""
+    from utils.towers import pool_last_layers, restore_towers
+
+    def use(switch) -> contextlib.nullcontext:
+        switch(model)
+        return contextlib.nullcontext()
+
+    return {"full": functools.partial(use, restore_towers), "pooled": functools.partial(use, pool_last_layers)}
+
+
+def compare_last_layers(model, step, rounds: int) -> dict:
+    """`step()` (forward + backward of `model`, returning its loss) with the model's last layer over every position
+    and at the pooled token alone (utils.towers), alternating in one process: GFLOP, seconds and losses of each."""
+    variants = last_layer_variants(model)
+    gflops = gflops_per_variant(variants, step)
+    load_start = load_average()
+    seconds, losses = alternate(variants, rounds, step)
+    return {
+        "gflops": gflops,
+        "step_s": {name: median(v) for name, v in seconds.items()},
+        "step_s_all": {name: [round(x, 2) for x in v] for name, v in seconds.items()},
+        "speedup": seconds_ratio(seconds["full"], seconds["pooled"]),
+        "loss": losses,
+        "load_avg_start": load_start,
+        "load_avg_end": load_average(),
+    }
+
+
+def gflops_per_variant(variants: dict, step) -> dict:
+    """GFLOP of one `step()` under each variant, as torch's FlopCounterMode counts them (matmuls, convolutions,
+    attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gflops = {}
+    for name, variant in variants.items():
+        counter = FlopCounterMode(display=False)
+        with variant(), counter:
+            step()
+        gflops[name] = counter.get_total_flops() / 1e9
+    return gflops
 
 
 def command_line() -> str:

@@ -1,11 +1,21 @@
-"""utils.towers: the CLIP towers whose last layer runs at the pooled token give the model's own embeddings and
-gradients, in float64, for both of CLIPTextModel's pooling rules, with padding, and with a second eos token."""
+"""utils.towers: the CLIP towers and the ViLT encoder whose last layer runs at the pooled token give the model's
+own outputs and gradients, in float64: for both of CLIPTextModel's pooling rules, with padded captions and a
+second eos token; for ViLT with padded questions and padded images."""
 
 import copy
 
 import pytest
 import torch
-from transformers import BertConfig, CLIPConfig, CLIPModel, CLIPVisionConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+from transformers import (
+    BertConfig,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    ViltConfig,
+    ViltForQuestionAnswering,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+)
 
 from utils.towers import eos_positions, pool_last_layers, restore_towers
 
@@ -103,3 +113,51 @@ def test_only_clip_towers_change_and_restore_brings_back_the_full_forward():
     restore_towers(dual)
     outputs = dual.vision_model(pixel_values=pixel_values, output_hidden_states=True)
     assert outputs.last_hidden_state.shape == (2, 17, 32) and len(outputs.hidden_states) == 3
+
+
+def tiny_vilt() -> ViltForQuestionAnswering:
+    torch.manual_seed(0)
+    config = ViltConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=16, image_size=32, patch_size=8, num_images=1, num_labels=5,
+                        id2label={i: str(i) for i in range(5)}, label2id={str(i): i for i in range(5)})
+    return ViltForQuestionAnswering(config).double()
+
+
+def vilt_logits_and_gradients(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # ViLT draws the order of each image's patches at random
+    logits = model(**batch).logits
+    (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
+def test_pooled_vilt_gives_the_models_answers_and_gradients(checkpointing):
+    """ViLT's VQA head reads the [CLS] position through the pooler: padded questions and images of two sizes (the
+    smaller padded, its padding masked by pixel_mask), logits and every gradient as the model's own forward gives."""
+    reference = tiny_vilt()
+    pooled = copy.deepcopy(reference)
+    assert pool_last_layers(pooled) == ["vilt"]
+    generator = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(3, 50, (3, 7), generator=generator)
+    attention_mask = torch.ones(3, 7, dtype=torch.long)
+    attention_mask[0, 4:] = 0
+    input_ids[0, 4:] = 0
+    pixel_mask = torch.ones(3, 32, 48, dtype=torch.long)
+    pixel_mask[1, :, 32:] = 0
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_mask": pixel_mask,
+             "pixel_values": torch.randn(3, 3, 32, 48, dtype=torch.float64, generator=generator)}
+    for model in (reference, pooled):
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+    logits, gradients = vilt_logits_and_gradients(reference, batch)
+    logits_pooled, gradients_pooled = vilt_logits_and_gradients(pooled, batch)
+    torch.testing.assert_close(logits_pooled, logits, rtol=1e-9, atol=1e-12)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradients_pooled[name], gradient, rtol=1e-9, atol=1e-12, msg=name)
+    assert max(g.abs().max().item() for g in gradients.values() if g is not None) > 1e-3
+    with pytest.raises(ValueError, match="output_attentions"):
+        pooled(**batch, output_attentions=True)
+    restore_towers(pooled)
+    assert pooled(**batch, output_hidden_states=True).hidden_states is not None

@@ -1,15 +1,18 @@
-"""CLIP towers that run their last layer at the pooled token alone.
+"""Encoders that run their last layer at the pooled token alone: CLIP's two towers and ViLT.
 
 A CLIP embedding reads one position of each tower's output: the class token of an image (position 0), the first
-end-of-text token of a caption. In the last layer every other position's query, attention output, MLP and
-residual are computed and thrown away; only the keys and values need every position. `pool_last_layers` makes
-each CLIP tower of a model compute that layer's keys and values over the sequence, and the rest at the pooled
-position alone, so that, per ViT-B/32 tower and sequence of length T, about 10/12 of one layer's matmul FLOPs
-for T - 1 positions are not spent (7% of the model's). The embeddings and every parameter's gradient are the
-same as the model's own forward gives (tests/test_towers.py checks values and gradients against it).
+end-of-text token of a caption. ViLT's VQA head reads its pooler, which reads position 0 (the text's [CLS]). In
+the last layer every other position's query, attention output, MLP and residual are computed and thrown away;
+only the keys and values need every position. `pool_last_layers` makes each such encoder of a model compute that
+layer's keys and values over the sequence and the rest at the pooled position alone: per encoder of L layers and
+a sequence of T positions, about 10/12 of one layer's matmul FLOPs for T - 1 positions are not spent (7% of a
+ViT-B/32 CLIP's). The outputs and every parameter's gradient are the same as the model's own forward gives
+(tests/test_towers.py checks values and gradients against it, in float64). With attention dropout on, the pooled
+query draws its dropout mask on its own, so a step's random draws differ from the model's (their distribution
+does not); the released CLIP and ViLT configs have none.
 
-What the towers no longer return: per-position states (`last_hidden_state` is None) and the optional outputs
-(`output_hidden_states`, `output_attentions`, which raise). CLIP training and retrieval read neither.
+What the encoders no longer return: per-position states (`last_hidden_state` is None) and the optional outputs
+(`output_hidden_states`, `output_attentions`, which raise). CLIP training and retrieval, and VQA, read neither.
 `restore_towers` puts the model's own forwards back.
 
 The last layer is still called through the module (`layer(...)`), so the hooks of FSDP2 and DeepSpeed ZeRO-3,
@@ -24,32 +27,40 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextModel, CLIPVisionModel
+from transformers.models.vilt.modeling_vilt import ViltLayer, ViltModel
 
 def pool_last_layers(model) -> list[str]:
     """Run the last layer of each CLIP tower of `model` (`vision_model`, `text_model`: CLIPModel, or a dual encoder
-    with a CLIP tower) at the pooled position only. Returns the names of the towers changed; other towers (ViT,
-    BERT, ...) and models are left as they are."""
+    with a CLIP tower) and of its ViLT encoder (`vilt`: ViltForQuestionAnswering, or a ViltModel itself) at the
+    pooled position only. Returns the names of the encoders changed; others (ViT, BERT, ...) are left as they are."""
     changed = []
-    for name, tower_forward in (("vision_model", _vision_forward), ("text_model", _text_forward)):
-        tower = getattr(model, name, None)
-        if not isinstance(tower, (CLIPVisionModel, CLIPTextModel)) or not isinstance(tower.encoder.layers[-1], CLIPEncoderLayer):
-            continue
-        tower.forward = types.MethodType(tower_forward, tower)
-        last = tower.encoder.layers[-1]
-        last.forward = types.MethodType(_pooled_layer_forward, last)
+    for name, encoder, last, encoder_forward, layer_forward in _poolable(model):
+        encoder.forward = types.MethodType(encoder_forward, encoder)
+        last.forward = types.MethodType(layer_forward, last)
         changed.append(name)
     return changed
 
 
 def restore_towers(model) -> None:
-    """Undo `pool_last_layers`: each tower and its last layer run their class's forward again."""
-    for name in ("vision_model", "text_model"):
+    """Undo `pool_last_layers`: each encoder and its last layer run their class's forward again."""
+    for _, encoder, last, _, _ in _poolable(model):
+        encoder.__dict__.pop("forward", None)
+        last.__dict__.pop("forward", None)
+
+
+def _poolable(model):
+    """(name, encoder, its last layer, the encoder's pooled forward, the layer's) for each encoder of `model` that
+    `pool_last_layers` knows."""
+    for name, encoder_forward in (("vision_model", _vision_forward), ("text_model", _text_forward)):
         tower = getattr(model, name, None)
-        if tower is not None and tower.__dict__.pop("forward", None) is not None:
-            tower.encoder.layers[-1].__dict__.pop("forward", None)
+        if isinstance(tower, (CLIPVisionModel, CLIPTextModel)) and isinstance(tower.encoder.layers[-1], CLIPEncoderLayer):
+            yield name, tower, tower.encoder.layers[-1], encoder_forward, _pooled_layer_forward
+    vilt = model if isinstance(model, ViltModel) else getattr(model, "vilt", None)
+    if isinstance(vilt, ViltModel) and vilt.pooler is not None and isinstance(vilt.encoder.layer[-1], ViltLayer):
+        yield "vilt", vilt, vilt.encoder.layer[-1], _vilt_forward, _pooled_vilt_layer_forward
 
 
 def eos_positions(tower: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
@@ -73,13 +84,47 @@ def _pooled_layer_forward(
     """The encoder layer's output at position `pool_at[b]` of each row b: (B, D). `key_mask` (B, T), True where
     that position's query may attend; None: everywhere. `attention_mask` (the 4-D mask of the other layers) is
     not read: `key_mask` is its row at `pool_at`. Checkpointed as transformers' GradientCheckpointingLayer does."""
-    if self.gradient_checkpointing and self.training:
-        return self._gradient_checkpointing_func(partial(_pooled_layer, self, pool_at=pool_at, key_mask=key_mask), hidden_states)
-    return _pooled_layer(self, hidden_states, pool_at=pool_at, key_mask=key_mask)
+    return _checkpointed(self, _pooled_layer, hidden_states, pool_at, key_mask)
+
+
+def _pooled_vilt_layer_forward(self: ViltLayer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                               pool_at: torch.Tensor, key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """As `_pooled_layer_forward`, for ViltLayer."""
+    return _checkpointed(self, _pooled_vilt_layer, hidden_states, pool_at, key_mask)
+
+
+def _checkpointed(layer, compute, hidden_states: torch.Tensor, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """`compute(layer, hidden_states, ...)`, recomputed in the backward pass under activation checkpointing, as
+    transformers' GradientCheckpointingLayer does for the other layers."""
+    if layer.gradient_checkpointing and layer.training:
+        return layer._gradient_checkpointing_func(partial(compute, layer, pool_at=pool_at, key_mask=key_mask), hidden_states)
+    return compute(layer, hidden_states, pool_at=pool_at, key_mask=key_mask)
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None, dropout: float,
+            scale: float) -> torch.Tensor:
+    """One query per row: (B, H, 1, d) against (B, H, T, d) keys and values, `key_mask` (B, T). -> (B, H * d)."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
+    return attended.reshape(len(query), -1)
+
+
+def _pooled_vilt_layer(self: ViltLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    batch = len(hidden_states)
+    attention = self.attention.attention
+    rows = torch.arange(batch, device=hidden_states.device)
+    normed = self.layernorm_before(hidden_states)  # (B, T, D): ViLT normalizes before attention
+    heads = (batch, -1, attention.num_attention_heads, attention.attention_head_size)
+    query = attention.query(normed[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.attention_head_size)
+    key = attention.key(normed).view(heads).transpose(1, 2)  # (B, H, T, d)
+    value = attention.value(normed).view(heads).transpose(1, 2)
+    attended = _attend(query, key, value, key_mask, attention.dropout.p if self.training else 0.0, attention.attention_head_size**-0.5)
+    pooled = self.attention.output(attended, None) + hidden_states[rows, pool_at]
+    return self.output(self.intermediate(self.layernorm_after(pooled)), pooled)  # (B, D), the residual added in `output`
 
 
 def _pooled_layer(self: CLIPEncoderLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    batch, _, width = hidden_states.shape
+    batch = len(hidden_states)
     attention = self.self_attn
     rows = torch.arange(batch, device=hidden_states.device)
     normed = self.layer_norm1(hidden_states)  # (B, T, D): keys and values need every position
@@ -87,11 +132,8 @@ def _pooled_layer(self: CLIPEncoderLayer, hidden_states: torch.Tensor, *, pool_a
     query = attention.q_proj(normed[rows, pool_at]).view(batch, attention.num_heads, 1, attention.head_dim)
     key = attention.k_proj(normed).view(heads).transpose(1, 2)  # (B, H, T, d)
     value = attention.v_proj(normed).view(heads).transpose(1, 2)
-    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
-    attended = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=attention.dropout if self.training else 0.0, scale=attention.scale
-    )  # (B, H, 1, d)
-    pooled = hidden_states[rows, pool_at] + attention.out_proj(attended.reshape(batch, width))
+    attended = _attend(query, key, value, key_mask, attention.dropout if self.training else 0.0, attention.scale)
+    pooled = hidden_states[rows, pool_at] + attention.out_proj(attended)
     return pooled + self.mlp(self.layer_norm2(pooled))  # (B, D)
 
 
@@ -131,3 +173,32 @@ def _text_forward(self: CLIPTextModel, input_ids: torch.Tensor, attention_mask: 
         key_mask = key_mask & attention_mask.bool()
     pooled = last(hidden_states, causal, pool_at=eos, key_mask=key_mask)
     return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=self.final_layer_norm(pooled))
+
+
+def _vilt_forward(self: ViltModel, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None, pixel_mask=None,
+                  inputs_embeds=None, image_embeds=None, image_token_type_idx=None, output_attentions=None,
+                  output_hidden_states=None, return_dict=None, **kwargs):
+    _refuse_extra_outputs(self, {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states})
+    text = input_ids if input_ids is not None else inputs_embeds
+    if text is None:
+        raise ValueError("You have to specify either input_ids or inputs_embeds")
+    if (pixel_values is None) == (image_embeds is None):
+        raise ValueError("Pass exactly one of pixel_values and image_embeds")
+    batch, length = text.shape[:2]
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, device=text.device)
+    if pixel_mask is None:
+        pixel_mask = torch.ones(batch, self.config.image_size, self.config.image_size, device=text.device)
+    # (B, T) text then image tokens, and which of them are real (image patches are sampled per image)
+    hidden_states, token_mask = self.embeddings(input_ids, attention_mask, token_type_ids, pixel_values, pixel_mask, inputs_embeds,
+                                                image_embeds, image_token_type_idx=image_token_type_idx)
+    mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=token_mask)
+    *layers, last = self.encoder.layer
+    for layer in layers:
+        hidden_states = layer(hidden_states, mask)[0]
+    cls = torch.zeros(batch, dtype=torch.long, device=hidden_states.device)
+    pooled = self.layernorm(last(hidden_states, mask, pool_at=cls, key_mask=token_mask.bool()))
+    pooler_output = self.pooler(pooled[:, None])  # the pooler reads position 0 of a (B, T, D) sequence
+    if return_dict is False:
+        return None, pooler_output
+    return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=pooler_output)
