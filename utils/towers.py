@@ -9,7 +9,7 @@ a sequence of T positions, about 10/12 of one layer's matmul FLOPs for T - 1 pos
 ViT-B/32 CLIP's). The outputs and every parameter's gradient are the same as the model's own forward gives
 (tests/test_towers.py checks values and gradients against it, in float64). With attention dropout on, the pooled
 query draws its dropout mask on its own, so a step's random draws differ from the model's (their distribution
-does not); the released CLIP and ViLT configs have none.
+does not); CLIP's and ViLT's default configs have none.
 
 What the encoders no longer return: per-position states (`last_hidden_state` is None) and the optional outputs
 (`output_hidden_states`, `output_attentions`, which raise). CLIP training and retrieval, and VQA, read neither.
@@ -31,6 +31,7 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextModel, CLIPVisionModel
 from transformers.models.vilt.modeling_vilt import ViltLayer, ViltModel
+
 
 def pool_last_layers(model) -> list[str]:
     """Run the last layer of each CLIP tower of `model` (`vision_model`, `text_model`: CLIPModel, or a dual encoder
@@ -54,10 +55,10 @@ def restore_towers(model) -> None:
 def _poolable(model):
     """(name, encoder, its last layer, the encoder's pooled forward, the layer's) for each encoder of `model` that
     `pool_last_layers` knows."""
-    for name, encoder_forward in (("vision_model", _vision_forward), ("text_model", _text_forward)):
+    for name, encoder_forward in (("vision_model", _clip_vision_forward), ("text_model", _clip_text_forward)):
         tower = getattr(model, name, None)
         if isinstance(tower, (CLIPVisionModel, CLIPTextModel)) and isinstance(tower.encoder.layers[-1], CLIPEncoderLayer):
-            yield name, tower, tower.encoder.layers[-1], encoder_forward, _pooled_layer_forward
+            yield name, tower, tower.encoder.layers[-1], encoder_forward, _pooled_clip_layer_forward
     vilt = model if isinstance(model, ViltModel) else getattr(model, "vilt", None)
     if isinstance(vilt, ViltModel) and vilt.pooler is not None and isinstance(vilt.encoder.layer[-1], ViltLayer):
         yield "vilt", vilt, vilt.encoder.layer[-1], _vilt_forward, _pooled_vilt_layer_forward
@@ -70,27 +71,6 @@ def eos_positions(tower: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor
     if tower.eos_token_id == 2:
         return ids.argmax(dim=-1)
     return (ids == tower.eos_token_id).int().argmax(dim=-1)
-
-
-def _pooled_layer_forward(
-    self: CLIPEncoderLayer,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    pool_at: torch.Tensor,
-    key_mask: torch.Tensor | None = None,
-    **kwargs,
-) -> torch.Tensor:
-    """The encoder layer's output at position `pool_at[b]` of each row b: (B, D). `key_mask` (B, T), True where
-    that position's query may attend; None: everywhere. `attention_mask` (the 4-D mask of the other layers) is
-    not read: `key_mask` is its row at `pool_at`. Checkpointed as transformers' GradientCheckpointingLayer does."""
-    return _checkpointed(self, _pooled_layer, hidden_states, pool_at, key_mask)
-
-
-def _pooled_vilt_layer_forward(self: ViltLayer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                               pool_at: torch.Tensor, key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """As `_pooled_layer_forward`, for ViltLayer."""
-    return _checkpointed(self, _pooled_vilt_layer, hidden_states, pool_at, key_mask)
 
 
 def _checkpointed(layer, compute, hidden_states: torch.Tensor, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -109,21 +89,22 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mas
     return attended.reshape(len(query), -1)
 
 
-def _pooled_vilt_layer(self: ViltLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    batch = len(hidden_states)
-    attention = self.attention.attention
-    rows = torch.arange(batch, device=hidden_states.device)
-    normed = self.layernorm_before(hidden_states)  # (B, T, D): ViLT normalizes before attention
-    heads = (batch, -1, attention.num_attention_heads, attention.attention_head_size)
-    query = attention.query(normed[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.attention_head_size)
-    key = attention.key(normed).view(heads).transpose(1, 2)  # (B, H, T, d)
-    value = attention.value(normed).view(heads).transpose(1, 2)
-    attended = _attend(query, key, value, key_mask, attention.dropout.p if self.training else 0.0, attention.attention_head_size**-0.5)
-    pooled = self.attention.output(attended, None) + hidden_states[rows, pool_at]
-    return self.output(self.intermediate(self.layernorm_after(pooled)), pooled)  # (B, D), the residual added in `output`
+def _pooled_clip_layer_forward(
+    self: CLIPEncoderLayer,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    pool_at: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """The encoder layer's output at position `pool_at[b]` of each row b: (B, D). `key_mask` (B, T), True where
+    that position's query may attend; None: everywhere. `attention_mask` (the 4-D mask of the other layers) is
+    not read: `key_mask` is its row at `pool_at`. Checkpointed as transformers' GradientCheckpointingLayer does."""
+    return _checkpointed(self, _pooled_clip_layer, hidden_states, pool_at, key_mask)
 
 
-def _pooled_layer(self: CLIPEncoderLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+def _pooled_clip_layer(self: CLIPEncoderLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     batch = len(hidden_states)
     attention = self.self_attn
     rows = torch.arange(batch, device=hidden_states.device)
@@ -137,16 +118,7 @@ def _pooled_layer(self: CLIPEncoderLayer, hidden_states: torch.Tensor, *, pool_a
     return pooled + self.mlp(self.layer_norm2(pooled))  # (B, D)
 
 
-def _refuse_extra_outputs(tower, kwargs: dict) -> None:
-    for flag in ("output_hidden_states", "output_attentions"):
-        if kwargs.get(flag):
-            raise ValueError(
-                f"{type(tower).__name__} runs its last layer at the pooled token only (utils.towers.pool_last_layers), "
-                f"so {flag} is not available; call utils.towers.restore_towers(model) first."
-            )
-
-
-def _vision_forward(self: CLIPVisionModel, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs):
+def _clip_vision_forward(self: CLIPVisionModel, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs):
     _refuse_extra_outputs(self, kwargs)
     hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding))
     *layers, last = self.encoder.layers
@@ -157,7 +129,7 @@ def _vision_forward(self: CLIPVisionModel, pixel_values: torch.Tensor, interpola
     return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=self.post_layernorm(pooled))
 
 
-def _text_forward(self: CLIPTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def _clip_text_forward(self: CLIPTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   position_ids: torch.Tensor | None = None, **kwargs):
     _refuse_extra_outputs(self, kwargs)
     input_ids = input_ids.view(-1, input_ids.shape[-1])
@@ -173,6 +145,26 @@ def _text_forward(self: CLIPTextModel, input_ids: torch.Tensor, attention_mask: 
         key_mask = key_mask & attention_mask.bool()
     pooled = last(hidden_states, causal, pool_at=eos, key_mask=key_mask)
     return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=self.final_layer_norm(pooled))
+
+
+def _pooled_vilt_layer_forward(self: ViltLayer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                               pool_at: torch.Tensor, key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """As `_pooled_clip_layer_forward`, for ViltLayer."""
+    return _checkpointed(self, _pooled_vilt_layer, hidden_states, pool_at, key_mask)
+
+
+def _pooled_vilt_layer(self: ViltLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    batch = len(hidden_states)
+    attention = self.attention.attention
+    rows = torch.arange(batch, device=hidden_states.device)
+    normed = self.layernorm_before(hidden_states)  # (B, T, D): ViLT normalizes before attention
+    heads = (batch, -1, attention.num_attention_heads, attention.attention_head_size)
+    query = attention.query(normed[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.attention_head_size)
+    key = attention.key(normed).view(heads).transpose(1, 2)  # (B, H, T, d)
+    value = attention.value(normed).view(heads).transpose(1, 2)
+    attended = _attend(query, key, value, key_mask, attention.dropout.p if self.training else 0.0, attention.attention_head_size**-0.5)
+    pooled = self.attention.output(attended, None) + hidden_states[rows, pool_at]
+    return self.output(self.intermediate(self.layernorm_after(pooled)), pooled)  # (B, D), the residual added in `output`
 
 
 def _vilt_forward(self: ViltModel, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None, pixel_mask=None,
@@ -202,3 +194,12 @@ def _vilt_forward(self: ViltModel, input_ids=None, attention_mask=None, token_ty
     if return_dict is False:
         return None, pooler_output
     return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=pooler_output)
+
+
+def _refuse_extra_outputs(tower, kwargs: dict) -> None:
+    for flag in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(flag):
+            raise ValueError(
+                f"{type(tower).__name__} runs its last layer at the pooled token only (utils.towers.pool_last_layers), "
+                f"so {flag} is not available; call utils.towers.restore_towers(model) first."
+            )
