@@ -220,7 +220,7 @@ def test_unreadable_jsonl_lines_are_skipped_and_recorded(assets, tmp_path):
     assert sorted(two_passes[:10]) == sorted(set(range(12)) - {5, 11}) and sorted(two_passes[10:]) == sorted(two_passes[:10])
     skipped = [json.loads(line) for line in open(log.path)]
     assert {r["row"] for r in skipped} == {"line 6", "line 12"} and len(skipped) == 2  # recorded in the first pass only
-    assert all(r["reason"].startswith("not JSON (") for r in skipped)
+    assert all(r["reason"].startswith("not JSON (") and r["image"] == path for r in skipped)
     strict = stream(path, skip_log=SkippedSamples(str(tmp_path / "strict.jsonl")), max_bad_fraction=0.1)
     with pytest.raises(ValueError, match="max_bad_samples_fraction"):
         take(strict, 20)

@@ -168,7 +168,9 @@ class TrainingStream(EpochAware, torch.utils.data.IterableDataset):
             raise BadSample(f"{self.origin}, row {key}: {reason}")
         if record:
             value = row.get(self.image_column)
-            self.skip_log.record(self.split_name, key, value if isinstance(value, str) else key, reason)
+            if not isinstance(value, str):  # image bytes; or no image: a line of the file that could not be read
+                value = self.origin if row.get(UNREADABLE_COLUMN) else key
+            self.skip_log.record(self.split_name, key, value, reason)
 
     def _check_budget(self, bad: int, read: int) -> None:
         if self.skip_log is not None:
