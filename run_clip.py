@@ -107,8 +107,8 @@ class ModelArguments(ModelSourceArguments):
     )
     pooled_last_layer: bool = field(
         default=True,
-        metadata={"help": "Run each CLIP tower's last layer at the token it pools alone (the same embeddings and gradients; 7%% "
-                          "fewer FLOPs at ViT-B/32). --pooled_last_layer false runs the model's own forward."},
+        metadata={"help": "Run each tower's last layer (CLIP, ViT, BERT) at the token it pools alone (the same embeddings and "
+                          "gradients; 7%% fewer FLOPs at ViT-B/32). --pooled_last_layer false runs the model's own forward."},
     )
     gather_negatives: bool = field(
         default=True, metadata={"help": "With several processes, contrast against the features of every process."}

@@ -1,21 +1,27 @@
-"""utils.towers: the CLIP towers and the ViLT encoder whose last layer runs at the pooled token give the model's
-own outputs and gradients, in float64: for both of CLIPTextModel's pooling rules, with padded captions and a
-second eos token; for ViLT with padded questions and padded images."""
+"""utils.towers: the encoders whose last layer runs at the pooled token give the model's own outputs and
+gradients, in float64: CLIP for both of CLIPTextModel's pooling rules, with padded captions and a second eos
+token; a dual encoder's CLIP-vision or ViT tower with the real MiniLM (BERT) text tower; ViLT with padded
+questions and padded images."""
 
 import copy
 
 import pytest
 import torch
 from transformers import (
-    BertConfig,
+    AutoModel,
+    AutoTokenizer,
     CLIPConfig,
     CLIPModel,
     CLIPVisionConfig,
+    CLIPVisionModel,
     ViltConfig,
     ViltForQuestionAnswering,
-    VisionTextDualEncoderConfig,
     VisionTextDualEncoderModel,
+    ViTConfig,
+    ViTModel,
 )
+
+from tests.helpers import minilm_path
 
 from utils.towers import eos_positions, pool_last_layers, restore_towers
 
@@ -86,6 +92,14 @@ def test_pooled_last_layer_gives_the_models_embeddings_and_gradients(eos_token_i
         # A key bias's true gradient is 0 (softmax ignores a shift shared by all keys): both are rounding noise.
         torch.testing.assert_close(gradients_pooled[name], gradient, rtol=rtol, atol=atol, msg=name)
     assert gradients["logit_scale"] is None  # the only parameter the loss above leaves out
+    # last_hidden_state keeps the pooled position alone, as the model's own has it there.
+    with torch.no_grad():
+        own, mine = reference(**batch), pooled(**batch)
+    eos = eos_positions(reference.text_model, batch["input_ids"])
+    torch.testing.assert_close(mine.vision_model_output.last_hidden_state[:, 0], own.vision_model_output.last_hidden_state[:, 0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(mine.text_model_output.last_hidden_state[:, 0], own.text_model_output.last_hidden_state[torch.arange(5), eos],
+                               rtol=rtol, atol=atol)
+    assert mine.text_model_output.last_hidden_state.shape == (5, 1, 32)
     assert max(g.abs().max().item() for g in gradients.values() if g is not None) > 1e-3
 
 
@@ -96,18 +110,38 @@ def test_text_pooling_position_is_the_models():
     assert eos_positions(model.text_model, batch["input_ids"]).tolist() == [2, 8, 3, 4, 9]
 
 
-def test_only_clip_towers_change_and_restore_brings_back_the_full_forward():
+def dual_encoder(vision: str) -> VisionTextDualEncoderModel:
+    """A CLIP-vision or ViT tower with the real all-MiniLM-L6-v2 (BERT, 6 layers) as the text tower, in float64."""
     torch.manual_seed(0)
-    config = VisionTextDualEncoderConfig.from_vision_text_configs(
-        CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-        BertConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-        projection_dim=16,
-    )
-    dual = VisionTextDualEncoderModel(config).eval()
-    pixel_values = torch.randn(2, 3, 16, 16)
-    expected = dual.get_image_features(pixel_values=pixel_values).pooler_output
-    assert pool_last_layers(dual) == ["vision_model"]
-    torch.testing.assert_close(dual.get_image_features(pixel_values=pixel_values).pooler_output, expected)
+    small = {"image_size": 16, "patch_size": 4, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    vision_model = CLIPVisionModel(CLIPVisionConfig(**small)) if vision == "clip" else ViTModel(ViTConfig(**small))
+    return VisionTextDualEncoderModel(vision_model=vision_model, text_model=AutoModel.from_pretrained(minilm_path())).double().eval()
+
+
+@pytest.mark.parametrize("vision", ["clip", "vit"])
+def test_pooled_dual_encoder_gives_the_models_embeddings_and_gradients(vision):
+    """A dual encoder's CLIP-vision or ViT tower and its BERT tower (the real MiniLM, padded captions) pool their
+    first token: embeddings and gradients as the model's own forward gives (in eval mode: BERT's hidden dropout
+    would draw different masks for one position than for all)."""
+    reference = dual_encoder(vision)
+    pooled = copy.deepcopy(reference)
+    assert pool_last_layers(pooled) == ["vision_model", "text_model"]
+    tokens = AutoTokenizer.from_pretrained(minilm_path())(["a dog", "two red boxes on a table by the sea", "a cat"], padding=True, return_tensors="pt")
+    assert (tokens["attention_mask"] == 0).any()
+    batch = {**tokens, "pixel_values": torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))}
+    image, text, gradients = embeddings_and_gradients(reference, batch)
+    image_pooled, text_pooled, gradients_pooled = embeddings_and_gradients(pooled, batch)
+    torch.testing.assert_close(image_pooled, image, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(text_pooled, text, rtol=1e-9, atol=1e-12)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradients_pooled[name], gradient, rtol=1e-9, atol=1e-12, msg=name)
+    assert max(g.abs().max().item() for g in gradients.values() if g is not None) > 1e-3
+
+
+def test_towers_refuse_per_position_outputs_until_restored():
+    dual = dual_encoder("vit")
+    pixel_values = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    pool_last_layers(dual)
     with pytest.raises(ValueError, match="output_hidden_states.*restore_towers"):
         dual.vision_model(pixel_values=pixel_values, output_hidden_states=True)
     restore_towers(dual)

@@ -1,19 +1,23 @@
-"""Encoders that run their last layer at the pooled token alone: CLIP's two towers and ViLT.
+"""Encoders that run their last layer at the pooled token alone: CLIP's two towers, a dual encoder's ViT and BERT
+towers, and ViLT.
 
 A CLIP embedding reads one position of each tower's output: the class token of an image (position 0), the first
-end-of-text token of a caption. ViLT's VQA head reads its pooler, which reads position 0 (the text's [CLS]). In
+end-of-text token of a caption. ViT's and BERT's poolers (a dual encoder's embeddings) and ViLT's (its VQA head)
+read position 0, the class token or [CLS]. In
 the last layer every other position's query, attention output, MLP and residual are computed and thrown away;
 only the keys and values need every position. `pool_last_layers` makes each such encoder of a model compute that
 layer's keys and values over the sequence and the rest at the pooled position alone: per encoder of L layers and
 a sequence of T positions, about 10/12 of one layer's matmul FLOPs for T - 1 positions are not spent (7% of a
 ViT-B/32 CLIP's). The outputs and every parameter's gradient are the same as the model's own forward gives
-(tests/test_towers.py checks values and gradients against it, in float64). With attention dropout on, the pooled
-query draws its dropout mask on its own, so a step's random draws differ from the model's (their distribution
-does not); CLIP's and ViLT's default configs have none.
+(tests/test_towers.py checks values and gradients against it, in float64). With dropout on, the pooled position
+draws its dropout masks on its own, so a step's random draws differ from the model's (their distribution does
+not): CLIP's, ViT's and ViLT's default configs have none, BERT's hidden dropout is 0.1.
 
-What the encoders no longer return: per-position states (`last_hidden_state` is None) and the optional outputs
-(`output_hidden_states`, `output_attentions`, which raise). CLIP training and retrieval, and VQA, read neither.
-`restore_towers` puts the model's own forwards back.
+What the encoders no longer return: the other positions' states. `last_hidden_state` is (B, 1, D), the model's own
+`last_hidden_state` at the pooled position alone (so that outputs indexed as tuples keep their places:
+VisionTextDualEncoderModel reads `outputs[1]`), and the optional outputs (`output_hidden_states`,
+`output_attentions`) raise. CLIP training and retrieval, and VQA, read neither. `restore_towers` puts the model's
+own forwards back.
 
 The last layer is still called through the module (`layer(...)`), so the hooks of FSDP2 and DeepSpeed ZeRO-3,
 which gather a layer's parameters around its call, run as before, and under activation checkpointing it is
@@ -30,13 +34,16 @@ import torch.nn.functional as F
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextModel, CLIPVisionModel
+from transformers.models.bert.modeling_bert import BertLayer, BertModel
 from transformers.models.vilt.modeling_vilt import ViltLayer, ViltModel
+from transformers.models.vit.modeling_vit import ViTLayer, ViTModel
 
 
 def pool_last_layers(model) -> list[str]:
-    """Run the last layer of each CLIP tower of `model` (`vision_model`, `text_model`: CLIPModel, or a dual encoder
-    with a CLIP tower) and of its ViLT encoder (`vilt`: ViltForQuestionAnswering, or a ViltModel itself) at the
-    pooled position only. Returns the names of the encoders changed; others (ViT, BERT, ...) are left as they are."""
+    """Run the last layer of each tower of `model` (`vision_model`, `text_model`: CLIPModel, or a dual encoder with
+    CLIP-vision, ViT or BERT towers) and of its ViLT encoder (`vilt`: ViltForQuestionAnswering, or a ViltModel
+    itself) at the pooled position only. Returns the names of the encoders changed; others (RoBERTa, DeiT, a model
+    without a pooler, ...) are left as they are."""
     changed = []
     for name, encoder, last, encoder_forward, layer_forward in _poolable(model):
         encoder.forward = types.MethodType(encoder_forward, encoder)
@@ -59,6 +66,14 @@ def _poolable(model):
         tower = getattr(model, name, None)
         if isinstance(tower, (CLIPVisionModel, CLIPTextModel)) and isinstance(tower.encoder.layers[-1], CLIPEncoderLayer):
             yield name, tower, tower.encoder.layers[-1], encoder_forward, _pooled_clip_layer_forward
+    # A dual encoder's ViT and BERT towers pool their first token through their pooler.
+    vision = getattr(model, "vision_model", None)
+    if isinstance(vision, ViTModel) and vision.pooler is not None and isinstance(vision.layers[-1], ViTLayer):
+        yield "vision_model", vision, vision.layers[-1], _vit_forward, _pooled_vit_layer_forward
+    text = getattr(model, "text_model", None)
+    if (isinstance(text, BertModel) and text.pooler is not None and not text.config.is_decoder
+            and isinstance(text.encoder.layer[-1], BertLayer)):
+        yield "text_model", text, text.encoder.layer[-1], _bert_forward, _pooled_bert_layer_forward
     vilt = model if isinstance(model, ViltModel) else getattr(model, "vilt", None)
     if isinstance(vilt, ViltModel) and vilt.pooler is not None and isinstance(vilt.encoder.layer[-1], ViltLayer):
         yield "vilt", vilt, vilt.encoder.layer[-1], _vilt_forward, _pooled_vilt_layer_forward
@@ -125,8 +140,8 @@ def _clip_vision_forward(self: CLIPVisionModel, pixel_values: torch.Tensor, inte
     for layer in layers:
         hidden_states = layer(hidden_states, None)
     class_token = torch.zeros(len(hidden_states), dtype=torch.long, device=hidden_states.device)
-    pooled = last(hidden_states, None, pool_at=class_token)
-    return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=self.post_layernorm(pooled))
+    pooled = last(hidden_states, None, pool_at=class_token)[:, None]
+    return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.post_layernorm(pooled[:, 0]))
 
 
 def _clip_text_forward(self: CLIPTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -143,8 +158,8 @@ def _clip_text_forward(self: CLIPTextModel, input_ids: torch.Tensor, attention_m
     key_mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] <= eos[:, None]  # (B, T)
     if attention_mask is not None:
         key_mask = key_mask & attention_mask.bool()
-    pooled = last(hidden_states, causal, pool_at=eos, key_mask=key_mask)
-    return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=self.final_layer_norm(pooled))
+    pooled = self.final_layer_norm(last(hidden_states, causal, pool_at=eos, key_mask=key_mask))[:, None]
+    return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=pooled[:, 0])
 
 
 def _pooled_vilt_layer_forward(self: ViltLayer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -189,11 +204,82 @@ def _vilt_forward(self: ViltModel, input_ids=None, attention_mask=None, token_ty
     for layer in layers:
         hidden_states = layer(hidden_states, mask)[0]
     cls = torch.zeros(batch, dtype=torch.long, device=hidden_states.device)
-    pooled = self.layernorm(last(hidden_states, mask, pool_at=cls, key_mask=token_mask.bool()))
-    pooler_output = self.pooler(pooled[:, None])  # the pooler reads position 0 of a (B, T, D) sequence
+    pooled = self.layernorm(last(hidden_states, mask, pool_at=cls, key_mask=token_mask.bool()))[:, None]
+    pooler_output = self.pooler(pooled)  # the pooler reads position 0
     if return_dict is False:
-        return None, pooler_output
-    return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=pooler_output)
+        return pooled, pooler_output
+    return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=pooler_output)
+
+
+def _pooled_vit_layer_forward(self: ViTLayer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                              pool_at: torch.Tensor, key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """As `_pooled_clip_layer_forward`, for ViTLayer."""
+    return _checkpointed(self, _pooled_vit_layer, hidden_states, pool_at, key_mask)
+
+
+def _pooled_vit_layer(self: ViTLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    batch = len(hidden_states)
+    attention = self.attention
+    rows = torch.arange(batch, device=hidden_states.device)
+    normed = self.layernorm_before(hidden_states)  # (B, T, D)
+    heads = (batch, -1, attention.num_attention_heads, attention.head_dim)
+    query = attention.q_proj(normed[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.head_dim)
+    key = attention.k_proj(normed).view(heads).transpose(1, 2)  # (B, H, T, d)
+    value = attention.v_proj(normed).view(heads).transpose(1, 2)
+    attended = _attend(query, key, value, key_mask, attention.attention_dropout if self.training else 0.0, attention.scaling)
+    pooled = self.dropout(attention.o_proj(attended)) + hidden_states[rows, pool_at]
+    return self.dropout(self.mlp(self.layernorm_after(pooled))) + pooled  # (B, D)
+
+
+def _vit_forward(self: ViTModel, pixel_values: torch.Tensor, bool_masked_pos=None, interpolate_pos_encoding=None, attention_mask=None,
+                 **kwargs):
+    _refuse_extra_outputs(self, kwargs)
+    pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+    hidden_states = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding)
+    mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+    *layers, last = self.layers
+    for layer in layers:
+        hidden_states = layer(hidden_states, mask)
+    cls = torch.zeros(len(hidden_states), dtype=torch.long, device=hidden_states.device)
+    pooled = self.layernorm(last(hidden_states, mask, pool_at=cls, key_mask=None if attention_mask is None else attention_mask.bool()))[:, None]
+    return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.pooler(pooled))
+
+
+def _pooled_bert_layer_forward(self: BertLayer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                               pool_at: torch.Tensor, key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """As `_pooled_clip_layer_forward`, for BertLayer (an encoder's: no cross-attention, no cache)."""
+    return _checkpointed(self, _pooled_bert_layer, hidden_states, pool_at, key_mask)
+
+
+def _pooled_bert_layer(self: BertLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    batch = len(hidden_states)
+    attention = self.attention.self
+    rows = torch.arange(batch, device=hidden_states.device)
+    heads = (batch, -1, attention.num_attention_heads, attention.attention_head_size)
+    # BERT normalizes after each residual: the queries, keys and values read the layer's input itself.
+    query = attention.query(hidden_states[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.attention_head_size)
+    key = attention.key(hidden_states).view(heads).transpose(1, 2)  # (B, H, T, d)
+    value = attention.value(hidden_states).view(heads).transpose(1, 2)
+    attended = _attend(query, key, value, key_mask, attention.dropout.p if self.training else 0.0, attention.scaling)
+    pooled = self.attention.output(attended, hidden_states[rows, pool_at])  # LayerNorm(dense + residual)
+    return self.output(self.intermediate(pooled), pooled)  # (B, D)
+
+
+def _bert_forward(self: BertModel, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                  **kwargs):
+    _refuse_extra_outputs(self, kwargs)
+    if kwargs.get("encoder_hidden_states") is not None or kwargs.get("past_key_values") is not None:
+        raise ValueError(f"{type(self).__name__} runs its last layer at [CLS] only (utils.towers): as an encoder, without a cache")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds)
+    mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+    *layers, last = self.encoder.layer
+    for layer in layers:
+        hidden_states = layer(hidden_states, mask)
+    cls = torch.zeros(len(hidden_states), dtype=torch.long, device=hidden_states.device)
+    pooled = last(hidden_states, mask, pool_at=cls, key_mask=None if attention_mask is None else attention_mask.bool())[:, None]
+    return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.pooler(pooled))
 
 
 def _refuse_extra_outputs(tower, kwargs: dict) -> None:
