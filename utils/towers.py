@@ -65,18 +65,18 @@ def _poolable(model):
     for name, encoder_forward in (("vision_model", _clip_vision_forward), ("text_model", _clip_text_forward)):
         tower = getattr(model, name, None)
         if isinstance(tower, (CLIPVisionModel, CLIPTextModel)) and isinstance(tower.encoder.layers[-1], CLIPEncoderLayer):
-            yield name, tower, tower.encoder.layers[-1], encoder_forward, _pooled_clip_layer_forward
+            yield name, tower, tower.encoder.layers[-1], encoder_forward, _pooled_forward(_pooled_clip_layer)
     # A dual encoder's ViT and BERT towers pool their first token through their pooler.
     vision = getattr(model, "vision_model", None)
     if isinstance(vision, ViTModel) and vision.pooler is not None and isinstance(vision.layers[-1], ViTLayer):
-        yield "vision_model", vision, vision.layers[-1], _vit_forward, _pooled_vit_layer_forward
+        yield "vision_model", vision, vision.layers[-1], _vit_forward, _pooled_forward(_pooled_vit_layer)
     text = getattr(model, "text_model", None)
     if (isinstance(text, BertModel) and text.pooler is not None and not text.config.is_decoder
             and isinstance(text.encoder.layer[-1], BertLayer)):
-        yield "text_model", text, text.encoder.layer[-1], _bert_forward, _pooled_bert_layer_forward
+        yield "text_model", text, text.encoder.layer[-1], _bert_forward, _pooled_forward(_pooled_bert_layer)
     vilt = model if isinstance(model, ViltModel) else getattr(model, "vilt", None)
     if isinstance(vilt, ViltModel) and vilt.pooler is not None and isinstance(vilt.encoder.layer[-1], ViltLayer):
-        yield "vilt", vilt, vilt.encoder.layer[-1], _vilt_forward, _pooled_vilt_layer_forward
+        yield "vilt", vilt, vilt.encoder.layer[-1], _vilt_forward, _pooled_forward(_pooled_vilt_layer)
 
 
 def eos_positions(tower: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
@@ -88,12 +88,20 @@ def eos_positions(tower: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor
     return (ids == tower.eos_token_id).int().argmax(dim=-1)
 
 
-def _checkpointed(layer, compute, hidden_states: torch.Tensor, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """`compute(layer, hidden_states, ...)`, recomputed in the backward pass under activation checkpointing, as
-    transformers' GradientCheckpointingLayer does for the other layers."""
-    if layer.gradient_checkpointing and layer.training:
-        return layer._gradient_checkpointing_func(partial(compute, layer, pool_at=pool_at, key_mask=key_mask), hidden_states)
-    return compute(layer, hidden_states, pool_at=pool_at, key_mask=key_mask)
+def _pooled_forward(compute):
+    """A layer's forward that returns its output at position `pool_at[b]` of each row b, (B, D), by
+    `compute(layer, hidden_states, pool_at=, key_mask=)`. `key_mask` (B, T): True where that position's query may
+    attend; None: everywhere. `attention_mask` (the other layers' 4-D mask) is not read: `key_mask` is its row at
+    `pool_at`. Under activation checkpointing the layer is recomputed in the backward pass, as transformers'
+    GradientCheckpointingLayer does for the other layers."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *, pool_at: torch.Tensor,
+                key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(partial(compute, self, pool_at=pool_at, key_mask=key_mask), hidden_states)
+        return compute(self, hidden_states, pool_at=pool_at, key_mask=key_mask)
+
+    return forward
 
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None, dropout: float,
@@ -102,21 +110,6 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mas
     mask = None if key_mask is None else key_mask[:, None, None, :]
     attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
     return attended.reshape(len(query), -1)
-
-
-def _pooled_clip_layer_forward(
-    self: CLIPEncoderLayer,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    pool_at: torch.Tensor,
-    key_mask: torch.Tensor | None = None,
-    **kwargs,
-) -> torch.Tensor:
-    """The encoder layer's output at position `pool_at[b]` of each row b: (B, D). `key_mask` (B, T), True where
-    that position's query may attend; None: everywhere. `attention_mask` (the 4-D mask of the other layers) is
-    not read: `key_mask` is its row at `pool_at`. Checkpointed as transformers' GradientCheckpointingLayer does."""
-    return _checkpointed(self, _pooled_clip_layer, hidden_states, pool_at, key_mask)
 
 
 def _pooled_clip_layer(self: CLIPEncoderLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -162,12 +155,6 @@ def _clip_text_forward(self: CLIPTextModel, input_ids: torch.Tensor, attention_m
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=pooled[:, 0])
 
 
-def _pooled_vilt_layer_forward(self: ViltLayer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                               pool_at: torch.Tensor, key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """As `_pooled_clip_layer_forward`, for ViltLayer."""
-    return _checkpointed(self, _pooled_vilt_layer, hidden_states, pool_at, key_mask)
-
-
 def _pooled_vilt_layer(self: ViltLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     batch = len(hidden_states)
     attention = self.attention.attention
@@ -211,12 +198,6 @@ def _vilt_forward(self: ViltModel, input_ids=None, attention_mask=None, token_ty
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=pooler_output)
 
 
-def _pooled_vit_layer_forward(self: ViTLayer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                              pool_at: torch.Tensor, key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """As `_pooled_clip_layer_forward`, for ViTLayer."""
-    return _checkpointed(self, _pooled_vit_layer, hidden_states, pool_at, key_mask)
-
-
 def _pooled_vit_layer(self: ViTLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     batch = len(hidden_states)
     attention = self.attention
@@ -243,12 +224,6 @@ def _vit_forward(self: ViTModel, pixel_values: torch.Tensor, bool_masked_pos=Non
     cls = torch.zeros(len(hidden_states), dtype=torch.long, device=hidden_states.device)
     pooled = self.layernorm(last(hidden_states, mask, pool_at=cls, key_mask=None if attention_mask is None else attention_mask.bool()))[:, None]
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.pooler(pooled))
-
-
-def _pooled_bert_layer_forward(self: BertLayer, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                               pool_at: torch.Tensor, key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """As `_pooled_clip_layer_forward`, for BertLayer (an encoder's: no cross-attention, no cache)."""
-    return _checkpointed(self, _pooled_bert_layer, hidden_states, pool_at, key_mask)
 
 
 def _pooled_bert_layer(self: BertLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
