@@ -3,9 +3,8 @@ towers, and ViLT.
 
 A CLIP embedding reads one position of each tower's output: the class token of an image (position 0), the first
 end-of-text token of a caption. ViT's and BERT's poolers (a dual encoder's embeddings) and ViLT's (its VQA head)
-read position 0, the class token or [CLS]. In
-the last layer every other position's query, attention output, MLP and residual are computed and thrown away;
-only the keys and values need every position. `pool_last_layers` makes each such encoder of a model compute that
+read position 0, the class token or [CLS]. In the last layer every other position's query, attention output, MLP
+and residual are computed and thrown away; only the keys and values need every position. `pool_last_layers` makes each such encoder of a model compute that
 layer's keys and values over the sequence and the rest at the pooled position alone: per encoder of L layers and
 a sequence of T positions, about 10/12 of one layer's matmul FLOPs for T - 1 positions are not spent (7% of a
 ViT-B/32 CLIP's). The outputs and every parameter's gradient are the same as the model's own forward gives
@@ -33,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextModel, CLIPVisionModel
 from transformers.models.bert.modeling_bert import BertLayer, BertModel
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextModel, CLIPVisionModel
 from transformers.models.vilt.modeling_vilt import ViltLayer, ViltModel
 from transformers.models.vit.modeling_vit import ViTLayer, ViTModel
 
