@@ -120,6 +120,18 @@ def test_a_jsonl_line_that_is_not_json_stops_a_whole_load_naming_it(tmp_path):
         load_one(tmp_path / "train.jsonl")
 
 
+def test_a_jsonl_loaded_by_name_keeps_each_value_as_written(tmp_path):
+    """--dataset_name (a Hub data set; here a local folder, which datasets reads the same way), read whole: datasets
+    types a column whose values change type as `Json`, which read the caption "42" back as 42 and "null" as None;
+    the column is now re-read from the data set's files, as a local file's is."""
+    captions = ["one caption", ["a box"], "42", ["two boxes"], "null", "true"]
+    folder = tmp_path / "by_name"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"image": f"images/{i}.png", "captions": c}) + "\n" for i, c in enumerate(captions)))
+    split = load_splits(dataset_name=str(folder))["train"]
+    assert list(split.rows["captions"]) == captions
+
+
 def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):
     (tmp_path / "train.csv").write_text("image,caption,caption\nimages/0.png,a,b\n")
     with pytest.raises(ValueError, match=r"train.csv'?: the header names the columns \['caption'\] more than once"):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import datasets
 import torch
+from datasets.utils.file_utils import xopen
 from transformers import TrainerCallback
 
 from .images import ImageLoadError, load_image
@@ -264,8 +265,21 @@ def load_hub(name: str, config: str | None, cache_dir: str | None, streaming: bo
         return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming)
     first = next(iter(probe.values()), None)
     if first is None or first.features is None or not is_webdataset(first):
-        return probe if streaming else datasets.load_dataset(name, config, cache_dir=cache_dir)
+        return probe if streaming else restore_hub_json_columns(datasets.load_dataset(name, config, cache_dir=cache_dir), name, config, cache_dir)
     return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming, features=json_typed(first.features))
+
+
+def restore_hub_json_columns(splits: datasets.DatasetDict, name: str, config: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+    """`restore_json_columns` for a Hub data set in json/jsonl files, read whole: its mixed-type columns re-read
+    from its files (a second read of those files, only when such a column exists)."""
+    if not any(isinstance(f, datasets.Json) for rows in splits.values() for f in rows.features.values()):
+        return splits
+    builder = datasets.load_dataset_builder(name, config, cache_dir=cache_dir)
+    if builder.name != "json" or not builder.config.data_files:
+        return splits
+    files = {str(split): list(paths) for split, paths in builder.config.data_files.items()}
+    logger.info("%s: re-reading the columns whose values change type (%s) from its files", name, ", ".join(files))
+    return datasets.DatasetDict({split: restore_json_columns(rows, files[split]) if split in files else rows for split, rows in splits.items()})
 
 
 def json_typed(features: datasets.Features) -> datasets.Features:
@@ -370,7 +384,7 @@ def _json_records(path: str, unreadable_lines: bool = False):
     """The objects of a JSON Lines file one line at a time, or of a JSON document (an array of objects, or one
     object spread over lines: read whole, as datasets reads them). A line that is not a JSON object raises a
     ValueError naming it, or with `unreadable_lines` is given as an `UnreadableLine`."""
-    with open(path, encoding="utf-8") as f:
+    with xopen(path, encoding="utf-8") as f:  # a local path, or a Hub data set's file (hf://)
         first_line = next((line for line in f if line.strip()), "").strip()
         f.seek(0)
         if first_line.startswith("[") or not _is_json(first_line):  # "[": an array, even one on a single line
@@ -472,7 +486,7 @@ def check_has_rows(path: str, builder: str) -> None:
     raise ValueError(f"data file {path!r} holds {what}. Pass a file with data, or leave the flag out.")
 
 
-def restore_json_columns(rows: datasets.Dataset, path: str) -> datasets.Dataset:
+def restore_json_columns(rows: datasets.Dataset, path: str | list[str]) -> datasets.Dataset:
     """Re-read the columns `datasets` typed as `Json` (values of mixed types: a number among captions, strings among
     lists of answers) from the file itself. `Json` keeps a string that parses as JSON as that JSON, so the caption
     "null" came back as None, "42" as 42 and "true" as True: captions are text, whatever they spell."""
@@ -481,8 +495,8 @@ def restore_json_columns(rows: datasets.Dataset, path: str) -> datasets.Dataset:
         return rows
     encoded = {name: [] for name in columns}  # JSON text, so decoding gives back exactly the value in the file
     try:
-        for record in _json_records(path):  # a record at a time: only these columns' text is held
-            for name in columns:
+        for record in itertools.chain.from_iterable(map(_json_records, [path] if isinstance(path, str) else path)):
+            for name in columns:  # a record at a time: only these columns' text is held
                 encoded[name].append(_json_text(record.get(name)))
     except ValueError:
         return rows  # a layout we do not read ourselves: keep what `datasets` read
