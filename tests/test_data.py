@@ -101,7 +101,8 @@ def test_jsonl_stream_keeps_each_row_as_written(tmp_path):
     path.write_text(json.dumps(rows[0]) + "\n\n" + "{not json\n" + "[1, 2]\n")
     first, *unreadable = load_one(path, streaming=True).rows
     assert first == {**rows[0], UNREADABLE_COLUMN: None}
-    assert [row[UNREADABLE_COLUMN].split(" (")[0] for row in unreadable] == ["line 3: not JSON", "line 4: a JSON list, not an object of columns"]
+    assert [row[UNREADABLE_COLUMN].split(" (")[0] for row in unreadable] == ["train.jsonl line 3: not JSON",
+                                                                             "train.jsonl line 4: a JSON list, not an object of columns"]
     assert all(row["image"] is None and row["captions"] is None for row in unreadable)
     path.write_text("{not json\n" + json.dumps(rows[0]) + "\n")
     with pytest.raises(ValueError, match=r"train.jsonl'?: neither JSON Lines \(line 1 is not JSON\) nor one JSON document"):
@@ -120,16 +121,18 @@ def test_a_jsonl_line_that_is_not_json_stops_a_whole_load_naming_it(tmp_path):
         load_one(tmp_path / "train.jsonl")
 
 
-def test_a_jsonl_loaded_by_name_keeps_each_value_as_written(tmp_path):
-    """--dataset_name (a Hub data set; here a local folder, which datasets reads the same way), read whole: datasets
-    types a column whose values change type as `Json`, which read the caption "42" back as 42 and "null" as None;
-    the column is now re-read from the data set's files, as a local file's is."""
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_jsonl_loaded_by_name_keeps_each_value_as_written(tmp_path, streaming):
+    """--dataset_name (a Hub data set; here a local folder, which datasets reads the same way): datasets types a
+    column whose values change type as `Json`, which read the caption "42" back as 42 and "null" as None. Read
+    whole, the column is now re-read from the data set's files, as a local file's is; streamed, the files go
+    through our reader, as a local file does."""
     captions = ["one caption", ["a box"], "42", ["two boxes"], "null", "true"]
     folder = tmp_path / "by_name"
     folder.mkdir()
     (folder / "train.jsonl").write_text("".join(json.dumps({"image": f"images/{i}.png", "captions": c}) + "\n" for i, c in enumerate(captions)))
-    split = load_splits(dataset_name=str(folder))["train"]
-    assert list(split.rows["captions"]) == captions
+    split = load_splits(dataset_name=str(folder), streaming=streaming)["train"]
+    assert [row["captions"] for row in split.rows] == captions
 
 
 def test_csv_header_naming_a_column_twice_is_an_error(tmp_path):

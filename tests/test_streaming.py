@@ -219,12 +219,12 @@ def test_unreadable_jsonl_lines_are_skipped_and_recorded(assets, tmp_path):
     two_passes = numbers(take(lenient, 20))
     assert sorted(two_passes[:10]) == sorted(set(range(12)) - {5, 11}) and sorted(two_passes[10:]) == sorted(two_passes[:10])
     skipped = [json.loads(line) for line in open(log.path)]
-    assert {r["row"] for r in skipped} == {"line 6", "line 12"} and len(skipped) == 2  # recorded in the first pass only
+    assert {r["row"] for r in skipped} == {"unreadable.jsonl line 6", "unreadable.jsonl line 12"} and len(skipped) == 2  # first pass only
     assert all(r["reason"].startswith("not JSON (") and r["image"] == path for r in skipped)
     strict = stream(path, skip_log=SkippedSamples(str(tmp_path / "strict.jsonl")), max_bad_fraction=0.1)
     with pytest.raises(ValueError, match="max_bad_samples_fraction"):
         take(strict, 20)
-    with pytest.raises(BadSample, match=r"unreadable.jsonl, row line \d+: not JSON"):
+    with pytest.raises(BadSample, match=r"unreadable.jsonl, row unreadable.jsonl line \d+: not JSON"):
         take(stream(path), 20)  # without a skip log, the first one stops the stream, naming it
 
 

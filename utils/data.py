@@ -44,7 +44,7 @@ IMAGE_FOLDER_METADATA = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 WEBDATASET_KEY_SAMPLES = 5
 JSON_BATCH_ROWS = 10_000
 JSON_STREAM_KEY_ROWS = 1000
-# In a jsonl stream, a line that cannot be read becomes a row whose only value is here: "line N: why". The
+# In a jsonl stream, a line that cannot be read becomes a row whose only value is here: "<file> line N: why". The
 # training stream skips and records it (utils.streams), as it does a row whose image will not decode.
 UNREADABLE_COLUMN = "__unreadable__"
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
@@ -264,20 +264,29 @@ def load_hub(name: str, config: str | None, cache_dir: str | None, streaming: bo
     except Exception:  # noqa: BLE001 - a data set that cannot stream is loaded as it always was (and raises there)
         return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming)
     first = next(iter(probe.values()), None)
-    if first is None or first.features is None or not is_webdataset(first):
-        return probe if streaming else restore_hub_json_columns(datasets.load_dataset(name, config, cache_dir=cache_dir), name, config, cache_dir)
-    return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming, features=json_typed(first.features))
+    if first is not None and first.features is not None and is_webdataset(first):
+        return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming, features=json_typed(first.features))
+    files = hub_json_files(name, config, cache_dir)
+    if streaming:  # json/jsonl through our reader, as local files are (`stream_json`)
+        return datasets.IterableDatasetDict({split: stream_json(paths) for split, paths in files.items()}) if files else probe
+    return restore_hub_json_columns(datasets.load_dataset(name, config, cache_dir=cache_dir), name, files)
 
 
-def restore_hub_json_columns(splits: datasets.DatasetDict, name: str, config: str | None, cache_dir: str | None) -> datasets.DatasetDict:
-    """`restore_json_columns` for a Hub data set in json/jsonl files, read whole: its mixed-type columns re-read
-    from its files (a second read of those files, only when such a column exists)."""
-    if not any(isinstance(f, datasets.Json) for rows in splits.values() for f in rows.features.values()):
-        return splits
+def hub_json_files(name: str, config: str | None, cache_dir: str | None) -> dict[str, list[str]] | None:
+    """A Hub data set's files per split when it is plain .json/.jsonl files (local paths or hf:// URLs), else None."""
     builder = datasets.load_dataset_builder(name, config, cache_dir=cache_dir)
     if builder.name != "json" or not builder.config.data_files:
-        return splits
+        return None
     files = {str(split): list(paths) for split, paths in builder.config.data_files.items()}
+    plain = all(os.path.splitext(path)[1].lower() in (".json", ".jsonl") for paths in files.values() for path in paths)
+    return files if plain else None  # compressed files: datasets reads them as it always did
+
+
+def restore_hub_json_columns(splits: datasets.DatasetDict, name: str, files: dict[str, list[str]] | None) -> datasets.DatasetDict:
+    """`restore_json_columns` for a Hub data set in json/jsonl files, read whole: its mixed-type columns re-read
+    from its files (a second read of those files, only when such a column exists)."""
+    if not files or not any(isinstance(f, datasets.Json) for rows in splits.values() for f in rows.features.values()):
+        return splits
     logger.info("%s: re-reading the columns whose values change type (%s) from its files", name, ", ".join(files))
     return datasets.DatasetDict({split: restore_json_columns(rows, files[split]) if split in files else rows for split, rows in splits.items()})
 
@@ -350,28 +359,33 @@ def _load_local(path: str, cache_dir: str | None, streaming: bool = False) -> Sp
     return Split(rows, os.path.dirname(path), path)
 
 
-def stream_json(path: str) -> datasets.IterableDataset:
-    """A .jsonl (or .json) file as a stream of rows, each value as the file holds it (`datasets.Json`), read a line
-    at a time. Its columns are the keys of its first JSON_STREAM_KEY_ROWS rows: a later row's other keys are left
-    out, a key it lacks is None. datasets' json stream typed each column from the first block of the file and cast
-    the rest to it: a later row with a new key, or with a caption string where that block held lists, stopped the
-    run there. A line that is not a JSON object (a truncated last line, say) becomes a row holding only
-    UNREADABLE_COLUMN, which a training stream skips and records: the run goes on."""
+def stream_json(paths: str | list[str]) -> datasets.IterableDataset:
+    """.jsonl (or .json) files as a stream of rows, each value as the file holds it (`datasets.Json`), read a line at
+    a time; several files are the stream's shards. Its columns are the keys of its first JSON_STREAM_KEY_ROWS rows:
+    a later row's other keys are left out, a key it lacks is None. datasets' json stream typed each column from the
+    first block of the file and cast the rest to it: a later row with a new key, or with a caption string where that
+    block held lists, stopped the run there. A line that is not a JSON object (a truncated last line, say) becomes
+    a row holding only UNREADABLE_COLUMN ("<file> line N: why"), which a training stream skips and records: the run
+    goes on."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
     keys = {}
-    for record in itertools.islice(_json_records(path, unreadable_lines=True), JSON_STREAM_KEY_ROWS):
+    records = itertools.chain.from_iterable(_json_records(path, unreadable_lines=True) for path in paths)
+    for record in itertools.islice(records, JSON_STREAM_KEY_ROWS):
         if not isinstance(record, UnreadableLine):
             keys.update(dict.fromkeys(record))
-    columns = tuple(keys)  # a tuple: a list in gen_kwargs would be split into shards
+    columns = tuple(keys)  # a tuple: a list in gen_kwargs would be split into shards (as `paths` is)
     features = datasets.Features({**{name: datasets.Json() for name in columns}, UNREADABLE_COLUMN: datasets.Value("string")})
-    return datasets.IterableDataset.from_generator(_json_rows, features=features, gen_kwargs={"path": path, "columns": columns})
+    return datasets.IterableDataset.from_generator(_json_rows, features=features, gen_kwargs={"paths": paths, "columns": columns})
 
 
-def _json_rows(path: str, columns: tuple[str, ...]):
-    for record in _json_records(path, unreadable_lines=True):
-        if isinstance(record, UnreadableLine):
-            yield {**dict.fromkeys(columns, _json_text(None)), UNREADABLE_COLUMN: f"line {record.number}: {record.reason}"}
-        else:
-            yield {**{name: _json_text(record.get(name)) for name in columns}, UNREADABLE_COLUMN: None}
+def _json_rows(paths: list[str], columns: tuple[str, ...]):
+    for path in paths:
+        for record in _json_records(path, unreadable_lines=True):
+            if isinstance(record, UnreadableLine):
+                where = f"{os.path.basename(path)} line {record.number}"
+                yield {**dict.fromkeys(columns, _json_text(None)), UNREADABLE_COLUMN: f"{where}: {record.reason}"}
+            else:
+                yield {**{name: _json_text(record.get(name)) for name in columns}, UNREADABLE_COLUMN: None}
 
 
 @dataclass
