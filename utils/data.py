@@ -257,24 +257,24 @@ def load_webdataset(shards: list[str], cache_dir: str | None, streaming: bool):
 
 
 def load_hub(name: str, config: str | None, cache_dir: str | None, streaming: bool):
-    """A Hub data set's splits; one in webdataset shards gets its samples' .json typed as `datasets.Json`, as local
-    shards do (`load_webdataset`): its features are looked up first from a stream, which reads a few samples."""
-    try:
-        probe = datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=True)
-    except Exception:  # noqa: BLE001 - a data set that cannot stream is loaded as it always was (and raises there)
-        return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming)
-    first = next(iter(probe.values()), None)
-    if first is not None and first.features is not None and is_webdataset(first):
-        return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming, features=json_typed(first.features))
-    files = hub_json_files(name, config, cache_dir)
-    if streaming:  # json/jsonl through our reader, as local files are (`stream_json`)
-        return datasets.IterableDatasetDict({split: stream_json(paths) for split, paths in files.items()}) if files else probe
-    return restore_hub_json_columns(datasets.load_dataset(name, config, cache_dir=cache_dir), name, files)
-
-
-def hub_json_files(name: str, config: str | None, cache_dir: str | None) -> dict[str, list[str]] | None:
-    """A Hub data set's files per split when it is plain .json/.jsonl files (local paths or hf:// URLs), else None."""
+    """A Hub data set's splits, read as its local twin is: webdataset shards get their samples' .json typed as
+    `datasets.Json` (`load_webdataset`; the features a stream of a few samples infers), plain .json/.jsonl files
+    go through our reader (`stream_json` streamed, `restore_json_columns` whole). Its builder, looked up once,
+    says which it is."""
     builder = datasets.load_dataset_builder(name, config, cache_dir=cache_dir)
+    if builder.name == "webdataset":
+        first = next(iter(builder.as_streaming_dataset().values()), None)
+        if first is not None and first.features is not None:
+            return datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming, features=json_typed(first.features))
+    files = hub_json_files(builder)
+    if streaming and files:
+        return datasets.IterableDatasetDict({split: stream_json(paths) for split, paths in files.items()})
+    splits = datasets.load_dataset(name, config, cache_dir=cache_dir, streaming=streaming)
+    return splits if streaming else restore_hub_json_columns(splits, name, files)
+
+
+def hub_json_files(builder: datasets.DatasetBuilder) -> dict[str, list[str]] | None:
+    """A data set's files per split when they are plain .json/.jsonl files (local paths or hf:// URLs), else None."""
     if builder.name != "json" or not builder.config.data_files:
         return None
     files = {str(split): list(paths) for split, paths in builder.config.data_files.items()}

@@ -48,7 +48,7 @@ def sample_key(row: dict, image_column: str) -> str:
     sample, else the image's path, else a digest of the image bytes."""
     if row.get("__key__") is not None:
         return f"{os.path.basename(row.get('__url__') or '')}/{row['__key__']}"
-    if row.get(UNREADABLE_COLUMN):  # "line N: why"
+    if row.get(UNREADABLE_COLUMN):  # "<file> line N: why"
         return row[UNREADABLE_COLUMN].partition(": ")[0]
     value = row.get(image_column)
     if isinstance(value, str):
