@@ -44,10 +44,12 @@ from transformers import (  # noqa: E402
 )
 
 from benchmarks.common import (  # noqa: E402
+    LAST_LAYER_COLUMNS,
     command_line,
     describe_machine,
     current_rss_mib,
     compare_last_layers,
+    last_layer_cells,
     load_average,
     markdown_table,
     median,
@@ -56,6 +58,7 @@ from benchmarks.common import (  # noqa: E402
     peak_rss_mib,
     replace_markdown_block,
     run_forked,
+    seconds_ratio,
     store_keeping_earlier,
     stored_section,
     update_results,
@@ -277,8 +280,7 @@ def measure_caption_eval(model_name: str, precision: str, paths: list[str], batc
         "images_per_s_all": {name: [round(batch_size / x, 4) for x in v] for name, v in total.items()},
         "loss_s": {name: median(a for a, _ in t) for name, t in timings.items()},
         "generate_s": {name: median(b for _, b in t) for name, t in timings.items()},
-        "speedup": {"median": median(o / f for o, f in zip(total["own"], total["fast"])),
-                    "per_round": [round(o / f, 3) for o, f in zip(total["own"], total["fast"])]},
+        "speedup": seconds_ratio(total["own"], total["fast"]),
         "same_captions": outputs["own"].tolist() == outputs["fast"].tolist(),
         "load_avg_start": load_start,
         "load_avg_end": load_average(),
@@ -456,15 +458,12 @@ def render_markdown(results: dict) -> str:
             out.append(_commands(checkpointing))
         pooled = section.get("vqa_pooled")
         if pooled:
-            rows = [[precision, r["settings"]["batch_size"], r["tokens"], f"{r['gflops']['full']:.0f}", f"{r['gflops']['pooled']:.0f}",
-                     f"{r['step_s']['full']:.2f}", f"{r['step_s']['pooled']:.2f}", f"{r['speedup']['median']:.2f}x",
-                     " ".join(f"{x:.2f}" for x in r["speedup"]["per_round"]), f"{abs(r['loss']['full'] - r['loss']['pooled']):.1e}",
-                     r["load_avg_start"][0]] for precision, r in pooled.items()]
+            rows = [[precision, r["settings"]["batch_size"], r["tokens"], *last_layer_cells(r),
+                     f"{abs(r['loss']['full'] - r['loss']['pooled']):.1e}", r["load_avg_start"][0]] for precision, r in pooled.items()]
             out.append("**ViLT B/32, last layer at the [CLS] token** (`--pooled_last_layer`, utils/towers.py), training step (forward "
                        "+ backward): the last layer over every position (the model's own forward) and at [CLS] alone, alternating on "
                        "the same weights and batch; GFLOP by FlopCounterMode\n")
-            out.append(markdown_table(["precision", "batch", "tokens", "GFLOP, full", "GFLOP, pooled", "s/step full", "s/step pooled",
-                                       "speedup", "per round", "loss difference", "load avg"], rows) + "\n")
+            out.append(markdown_table(["precision", "batch", "tokens", *LAST_LAYER_COLUMNS, "loss difference", "load avg"], rows) + "\n")
             out.append(_commands(pooled))
     return "\n".join(out)
 

@@ -50,7 +50,9 @@ from benchmarks.common import (  # noqa: E402
     command_line,
     current_rss_mib,
     describe_machine,
+    LAST_LAYER_COLUMNS,
     compare_last_layers,
+    last_layer_cells,
     load_average,
     markdown_table,
     median,
@@ -1341,29 +1343,24 @@ def _fast_path_tables(sections: dict) -> list[str]:
             rows, attention)
     pooled = sections.get("pooled_last_layer")
     if pooled:
-        rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["text_tokens"], f"{r['gflops']['full']:.0f}",
-                 f"{r['gflops']['pooled']:.0f}", r["step_s"]["full"], r["step_s"]["pooled"], f"{r['speedup']['median']:.2f}x",
-                 " ".join(f"{x:.2f}" for x in r["speedup"]["per_round"]), f"{abs(r['loss']['full'] - r['loss']['pooled']):.1e}",
-                 r["load_avg_start"][0]] for precision, r in pooled.items()]
+        rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["text_tokens"], *last_layer_cells(r),
+                 f"{abs(r['loss']['full'] - r['loss']['pooled']):.1e}", r["load_avg_start"][0]] for precision, r in pooled.items()]
         out += _fast_path_block(
             "**Last layer at the pooled token** (`--pooled_last_layer`, utils/towers.py) on the model step: each tower's last "
             "layer over every position (the model's own forward) and at the token CLIP pools alone, alternating on the "
             "same weights and batch; GFLOP of forward + backward by FlopCounterMode",
-            ["precision", "model", "batch", "text tokens", "GFLOP, full", "GFLOP, pooled", "step s, full", "step s, pooled",
-             "speedup", "per round", "loss difference", "load avg"],
+            ["precision", "model", "batch", "text tokens", *LAST_LAYER_COLUMNS, "loss difference", "load avg"],
             rows, pooled)
     dual = sections.get("pooled_dual_encoder")
     if dual:
-        rows = [[precision, f"ViT-B/16 ({r['layers']} layers) + MiniLM", r["batch_size"], r["text_tokens"], f"{r['gflops']['full']:.0f}",
-                 f"{r['gflops']['pooled']:.0f}", r["step_s"]["full"], r["step_s"]["pooled"], f"{r['speedup']['median']:.2f}x",
-                 " ".join(f"{x:.2f}" for x in r["speedup"]["per_round"]), r["load_avg_start"][0]] for precision, r in dual.items()]
+        rows = [[precision, f"ViT-B/16 ({r['layers']} layers) + MiniLM", r["batch_size"], r["text_tokens"], *last_layer_cells(r),
+                 r["load_avg_start"][0]] for precision, r in dual.items()]
         out += _fast_path_block(
             "**Last layer at [CLS], dual encoder** (`--pooled_last_layer`): ViT-B/16 (random weights) + the real "
             "all-MiniLM-L6-v2, forward + backward with clip_loss, each tower's last layer over every position and at [CLS] "
             "alone, alternating on the same weights and batch (the losses differ by BERT's hidden dropout, drawn for one "
             "position instead of all)",
-            ["precision", "model", "batch", "text tokens", "GFLOP, full", "GFLOP, pooled", "step s, full", "step s, pooled",
-             "speedup", "per round", "load avg"],
+            ["precision", "model", "batch", "text tokens", *LAST_LAYER_COLUMNS, "load avg"],
             rows, dual)
     compiled = sections.get("compiled_train")
     if compiled:

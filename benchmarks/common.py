@@ -157,6 +157,15 @@ def compare_last_layers(model, step, rounds: int) -> dict:
     }
 
 
+LAST_LAYER_COLUMNS = ["GFLOP, full", "GFLOP, pooled", "step s, full", "step s, pooled", "speedup", "per round"]
+
+
+def last_layer_cells(result: dict) -> list:
+    """A `compare_last_layers` result as table cells under LAST_LAYER_COLUMNS."""
+    return [f"{result['gflops']['full']:.0f}", f"{result['gflops']['pooled']:.0f}", result["step_s"]["full"], result["step_s"]["pooled"],
+            f"{result['speedup']['median']:.2f}x", " ".join(f"{x:.2f}" for x in result["speedup"]["per_round"])]
+
+
 def gflops_per_variant(variants: dict, step) -> dict:
     """GFLOP of one `step()` under each variant, as torch's FlopCounterMode counts them (matmuls, convolutions,
     attention)."""
