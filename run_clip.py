@@ -85,7 +85,7 @@ class ModelArguments(ModelSourceArguments):
         default=None, metadata={"help": "A CLIP-family checkpoint (Hub id or folder): CLIPModel, VisionTextDualEncoderModel."}
     )
     vision_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "With --text_model_name_or_path: build a dual encoder from this vision encoder (ViT, CLIP vision)."}
+        default=None, metadata={"help": "With --text_model_name_or_path: build a dual encoder from this vision encoder (ViT, DeiT, DINOv2, CLIP vision, ...)."}
     )
     text_model_name_or_path: str | None = field(
         default=None, metadata={"help": "With --vision_model_name_or_path: the text encoder (BERT/RoBERTa family)."}
@@ -107,7 +107,7 @@ class ModelArguments(ModelSourceArguments):
     )
     pooled_last_layer: bool = field(
         default=True,
-        metadata={"help": "Run each tower's last layer (CLIP, ViT, BERT) at the token it pools alone (the same embeddings and "
+        metadata={"help": "Run each tower's last layer (CLIP; ViT, DeiT, DINOv2, BERT, RoBERTa, ...) at the token it pools alone (the same embeddings and "
                           "gradients; 7%% fewer FLOPs at ViT-B/32). --pooled_last_layer false runs the model's own forward."},
     )
     gather_negatives: bool = field(

@@ -51,6 +51,38 @@ def build_tiny_vit(directory: str, image_size: int = 32) -> str:
     return directory
 
 
+def build_tiny_dinov2(directory: str, image_size: int = 32) -> str:
+    """A tiny DINOv2 with DINOv2's own image processor (BitImageProcessor: shortest edge, then a centre crop)."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(image_size=image_size, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2)
+    Dinov2Model(config).save_pretrained(directory)
+    BitImageProcessor(size={"shortest_edge": image_size + 4}, crop_size={"height": image_size, "width": image_size}).save_pretrained(directory)
+    return directory
+
+
+def build_tiny_roberta(directory: str, words: list[str]) -> str:
+    """A tiny RoBERTa with a byte-level BPE tokenizer trained on `words`, saved as RoBERTa's own tokenizer (<s> ...
+    </s>, padding id 1, positions numbered from the padding)."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(words)] * 20, vocab_size=400, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    os.makedirs(directory, exist_ok=True)
+    vocab, merges = bpe.save_model(directory)
+    tokenizer = RobertaTokenizerFast(vocab=vocab, merges=merges, model_max_length=64)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           max_position_embeddings=66, pad_token_id=tokenizer.pad_token_id)
+    RobertaModel(config).save_pretrained(directory)
+    return directory
+
+
 # --- Gallery pages -------------------------------------------------------------------------------------------
 
 

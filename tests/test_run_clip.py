@@ -10,6 +10,8 @@ import torch
 import run_clip
 from tests.helpers import (
     assert_finite_metrics,
+    build_tiny_dinov2,
+    build_tiny_roberta,
     build_tiny_vit,
     copy_with_dropout,
     count_activation_checkpoints,
@@ -75,6 +77,24 @@ def test_dual_encoder_from_pretrained_vit_and_minilm(assets, tmp_path):
     assert type(model.text_model).__name__ == "BertModel"
     processor = AutoProcessor.from_pretrained(tmp_path)
     assert processor.tokenizer.model_max_length == 512
+
+
+def test_dual_encoder_from_dinov2_and_roberta(assets, tmp_path, caplog):
+    """Other tower families than ViT + BERT: DINOv2 (its own image processor) and RoBERTa (its tokenizer, positions
+    numbered from the padding), both run with their last layer at the pooled token."""
+    with open(assets["data"]["train"]) as rows:
+        words = sorted({word for row in rows for caption in json.loads(row)["captions"] for word in caption.split()})
+    roberta = build_tiny_roberta(str(tmp_path / "roberta"), words)
+    dinov2 = build_tiny_dinov2(str(tmp_path / "dinov2"))
+    output_dir = tmp_path / "out"
+    with caplog.at_level("INFO", logger="run_clip"):
+        metrics = run_clip.main(common_args(assets, output_dir, "--vision_model_name_or_path", dinov2, "--text_model_name_or_path", roberta))
+    check_outputs(metrics, output_dir)
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(output_dir)
+    assert (type(model.vision_model).__name__, type(model.text_model).__name__) == ("Dinov2Model", "RobertaModel")
+    assert "Last layer computed at the pooled token only in: vision_model, text_model" in caplog.text
 
 
 def test_new_projections_are_drawn_from_the_seed(assets, tmp_path):

@@ -1,7 +1,7 @@
 """utils.towers: the encoders whose last layer runs at the pooled token give the model's own outputs and
 gradients, in float64: CLIP for both of CLIPTextModel's pooling rules, with padded captions and a second eos
-token; a dual encoder's CLIP-vision or ViT tower with the real MiniLM (BERT) text tower; ViLT with padded
-questions and padded images."""
+token; a dual encoder's CLIP-vision, ViT, DeiT, DINOv2 (with and without registers) vision towers and BERT (the
+real MiniLM), RoBERTa, XLM-RoBERTa and CamemBERT text towers; ViLT with padded questions and padded images."""
 
 import copy
 
@@ -10,18 +10,30 @@ import torch
 from transformers import (
     AutoModel,
     AutoTokenizer,
+    CamembertConfig,
+    CamembertModel,
     CLIPConfig,
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    DeiTConfig,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    RobertaConfig,
+    RobertaModel,
     ViltConfig,
     ViltForQuestionAnswering,
     VisionTextDualEncoderModel,
     ViTConfig,
     ViTModel,
+    XLMRobertaConfig,
+    XLMRobertaModel,
 )
 
-from tests.helpers import minilm_path
+from tests.helpers import count_activation_checkpoints, minilm_path
 
 from utils.towers import eos_positions, pool_last_layers, restore_towers
 
@@ -110,36 +122,81 @@ def test_text_pooling_position_is_the_models():
     assert eos_positions(model.text_model, batch["input_ids"]).tolist() == [2, 8, 3, 4, 9]
 
 
-def dual_encoder(vision: str) -> VisionTextDualEncoderModel:
-    """A CLIP-vision or ViT tower with the real all-MiniLM-L6-v2 (BERT, 6 layers) as the text tower, in float64."""
+SMALL_VISION = {"image_size": 16, "patch_size": 4, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+# DINOv2: layer scale away from 1 and stochastic depth on, so that both are exercised in training mode.
+DINOV2 = {**SMALL_VISION, "mlp_ratio": 2, "layerscale_value": 0.5, "drop_path_rate": 0.3}
+VISION_TOWERS = {
+    "clip": lambda: CLIPVisionModel(CLIPVisionConfig(**SMALL_VISION, intermediate_size=64)),
+    "vit": lambda: ViTModel(ViTConfig(**SMALL_VISION, intermediate_size=64)),
+    "deit": lambda: DeiTModel(DeiTConfig(**SMALL_VISION, intermediate_size=64)),
+    "dinov2": lambda: Dinov2Model(Dinov2Config(**DINOV2)),
+    "dinov2_registers_swiglu": lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**DINOV2, num_register_tokens=2, use_swiglu_ffn=True)),
+}
+# Tiny RoBERTa-family text towers, without dropout so that they can be compared in training mode. Their padding id
+# is 1, and RoBERTa numbers positions from the padding: the captions are padded with it.
+SMALL_TEXT = {"vocab_size": 60, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+              "max_position_embeddings": 20, "pad_token_id": 1, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TEXT_TOWERS = {
+    "roberta": lambda: RobertaModel(RobertaConfig(**SMALL_TEXT)),
+    "xlm_roberta": lambda: XLMRobertaModel(XLMRobertaConfig(**SMALL_TEXT)),
+    "camembert": lambda: CamembertModel(CamembertConfig(**SMALL_TEXT)),
+    "minilm": lambda: AutoModel.from_pretrained(minilm_path()),  # the real all-MiniLM-L6-v2 (BERT, 6 layers)
+}
+
+
+def dual_encoder(vision: str, text: str = "minilm") -> VisionTextDualEncoderModel:
+    """A dual encoder of the named towers, in float64."""
     torch.manual_seed(0)
-    small = {"image_size": 16, "patch_size": 4, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
-    vision_model = CLIPVisionModel(CLIPVisionConfig(**small)) if vision == "clip" else ViTModel(ViTConfig(**small))
-    return VisionTextDualEncoderModel(vision_model=vision_model, text_model=AutoModel.from_pretrained(minilm_path())).double().eval()
+    return VisionTextDualEncoderModel(vision_model=VISION_TOWERS[vision](), text_model=TEXT_TOWERS[text]()).double()
 
 
-@pytest.mark.parametrize("vision", ["clip", "vit"])
-def test_pooled_dual_encoder_gives_the_models_embeddings_and_gradients(vision):
-    """A dual encoder's CLIP-vision or ViT tower and its BERT tower (the real MiniLM, padded captions) pool their
-    first token: embeddings and gradients as the model's own forward gives (in eval mode: BERT's hidden dropout
-    would draw different masks for one position than for all)."""
-    reference = dual_encoder(vision)
+def padded_captions(text: str) -> dict:
+    if text == "minilm":
+        return dict(AutoTokenizer.from_pretrained(minilm_path())(["a dog", "two red boxes on a table by the sea", "a cat"], padding=True, return_tensors="pt"))
+    input_ids = torch.randint(3, 60, (3, 9), generator=torch.Generator().manual_seed(5))
+    attention_mask = torch.ones(3, 9, dtype=torch.long)
+    attention_mask[0, 4:] = attention_mask[2, 6:] = 0
+    input_ids[attention_mask == 0] = SMALL_TEXT["pad_token_id"]
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.mark.parametrize(("vision", "text", "checkpointing"), [
+    ("clip", "minilm", False), ("vit", "minilm", False), ("deit", "roberta", False), ("dinov2", "xlm_roberta", False),
+    ("dinov2_registers_swiglu", "camembert", False), ("dinov2", "roberta", True),
+])
+def test_pooled_dual_encoder_gives_the_models_embeddings_and_gradients(vision, text, checkpointing, monkeypatch):
+    """A dual encoder's vision tower and its BERT-family text tower (padded captions) pool their first token:
+    embeddings and gradients as the model's own forward gives. MiniLM is compared in eval mode (BERT's hidden
+    dropout would draw different masks for one position than for all); the tiny towers have no dropout and are
+    compared in training mode, where DINOv2's stochastic depth draws the same per-sample numbers both ways (and
+    again in the recomputation under activation checkpointing, which replays the random state)."""
+    checkpoints = count_activation_checkpoints(monkeypatch)
+    reference = dual_encoder(vision, text).train(text != "minilm")
+    if checkpointing:
+        for tower in (reference.vision_model, reference.text_model):  # as run_clip enables it for a dual encoder
+            tower.activation_checkpointing_enable()
     pooled = copy.deepcopy(reference)
     assert pool_last_layers(pooled) == ["vision_model", "text_model"]
-    tokens = AutoTokenizer.from_pretrained(minilm_path())(["a dog", "two red boxes on a table by the sea", "a cat"], padding=True, return_tensors="pt")
-    assert (tokens["attention_mask"] == 0).any()
-    batch = {**tokens, "pixel_values": torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))}
-    image, text, gradients = embeddings_and_gradients(reference, batch)
+    batch = {**padded_captions(text), "pixel_values": torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))}
+    assert (batch["attention_mask"] == 0).any()
+    torch.manual_seed(3)
+    image, text_embeds, gradients = embeddings_and_gradients(reference, batch)
+    torch.manual_seed(3)
     image_pooled, text_pooled, gradients_pooled = embeddings_and_gradients(pooled, batch)
+    assert len(checkpoints) == (8 if checkpointing else 0)  # each tower's 2 layers, in either forward
     torch.testing.assert_close(image_pooled, image, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(text_pooled, text, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(text_pooled, text_embeds, rtol=1e-9, atol=1e-12)
     for name, gradient in gradients.items():
         torch.testing.assert_close(gradients_pooled[name], gradient, rtol=1e-9, atol=1e-12, msg=name)
     assert max(g.abs().max().item() for g in gradients.values() if g is not None) > 1e-3
+    if vision.startswith("dinov2"):  # stochastic depth dropped a branch of some sample: the test reaches it
+        torch.manual_seed(3)
+        assert not torch.allclose(reference.vision_model.train()(batch["pixel_values"]).pooler_output,
+                                  reference.vision_model.eval()(batch["pixel_values"]).pooler_output)
 
 
 def test_towers_refuse_per_position_outputs_until_restored():
-    dual = dual_encoder("vit")
+    dual = dual_encoder("vit").eval()
     pixel_values = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     pool_last_layers(dual)
     with pytest.raises(ValueError, match="output_hidden_states.*restore_towers"):

@@ -1,16 +1,21 @@
-"""Encoders that run their last layer at the pooled token alone: CLIP's two towers, a dual encoder's ViT and BERT
-towers, and ViLT.
+"""Encoders that run their last layer at the pooled token alone: CLIP's two towers; a dual encoder's vision tower
+(ViT, DeiT, DINOv2, DINOv2 with registers) and text tower (BERT, RoBERTa, XLM-RoBERTa, CamemBERT); and ViLT.
 
 A CLIP embedding reads one position of each tower's output: the class token of an image (position 0), the first
-end-of-text token of a caption. ViT's and BERT's poolers (a dual encoder's embeddings) and ViLT's (its VQA head)
-read position 0, the class token or [CLS]. In the last layer every other position's query, attention output, MLP
+end-of-text token of a caption. The poolers of ViT, DeiT, DINOv2 and the BERT family (a dual encoder reads its
+towers' `pooler_output`) and ViLT's (its VQA head) read position 0, the class token or [CLS]. In the last layer every other position's query, attention output, MLP
 and residual are computed and thrown away; only the keys and values need every position. `pool_last_layers` makes each such encoder of a model compute that
 layer's keys and values over the sequence and the rest at the pooled position alone: per encoder of L layers and
 a sequence of T positions, about 10/12 of one layer's matmul FLOPs for T - 1 positions are not spent (7% of a
 ViT-B/32 CLIP's). The outputs and every parameter's gradient are the same as the model's own forward gives
 (tests/test_towers.py checks values and gradients against it, in float64). With dropout on, the pooled position
 draws its dropout masks on its own, so a step's random draws differ from the model's (their distribution does
-not): CLIP's, ViT's and ViLT's default configs have none, BERT's hidden dropout is 0.1.
+not): CLIP's, ViT's, DINOv2's and ViLT's default configs have none, the BERT family's hidden dropout is 0.1.
+DINOv2's stochastic depth drops a whole sample's branch, drawn per sample as the model draws it.
+
+In transformers 5.23 RoBERTa, XLM-RoBERTa and CamemBERT copy BERT's model, encoder, layer and pooler line for line
+(only the embeddings differ, and they run as the model's own), DeiT copies ViT's, and DINOv2 with registers
+copies DINOv2's layer: each family shares one implementation here, and each model is tested on its own.
 
 What the encoders no longer return: the other positions' states. `last_hidden_state` is (B, 1, D), the model's own
 `last_hidden_state` at the pooled position alone (so that outputs indexed as tuples keep their places:
@@ -33,16 +38,27 @@ import torch.nn.functional as F
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.bert.modeling_bert import BertLayer, BertModel
+from transformers.models.camembert.modeling_camembert import CamembertLayer, CamembertModel
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextModel, CLIPVisionModel
+from transformers.models.deit.modeling_deit import DeiTLayer, DeiTModel
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2Model
+from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersLayer, Dinov2WithRegistersModel
+from transformers.models.roberta.modeling_roberta import RobertaLayer, RobertaModel
 from transformers.models.vilt.modeling_vilt import ViltLayer, ViltModel
 from transformers.models.vit.modeling_vit import ViTLayer, ViTModel
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaLayer, XLMRobertaModel
+
+# (models, their layers) of each family that shares one implementation below.
+BERT_FAMILY = (BertModel, RobertaModel, XLMRobertaModel, CamembertModel), (BertLayer, RobertaLayer, XLMRobertaLayer, CamembertLayer)
+VIT_FAMILY = (ViTModel, DeiTModel), (ViTLayer, DeiTLayer)
+DINOV2_FAMILY = (Dinov2Model, Dinov2WithRegistersModel), (Dinov2Layer, Dinov2WithRegistersLayer)
 
 
 def pool_last_layers(model) -> list[str]:
     """Run the last layer of each tower of `model` (`vision_model`, `text_model`: CLIPModel, or a dual encoder with
-    CLIP-vision, ViT or BERT towers) and of its ViLT encoder (`vilt`: ViltForQuestionAnswering, or a ViltModel
-    itself) at the pooled position only. Returns the names of the encoders changed; others (RoBERTa, DeiT, a model
-    without a pooler, ...) are left as they are."""
+    the towers named in this module's docstring) and of its ViLT encoder (`vilt`: ViltForQuestionAnswering, or a
+    ViltModel itself) at the pooled position only. Returns the names of the encoders changed; others (MPNet,
+    ELECTRA, Swin, SigLIP, a tower without a pooler, ...) are left as they are."""
     changed = []
     for name, encoder, last, encoder_forward, layer_forward in _poolable(model):
         encoder.forward = types.MethodType(encoder_forward, encoder)
@@ -65,13 +81,18 @@ def _poolable(model):
         tower = getattr(model, name, None)
         if isinstance(tower, (CLIPVisionModel, CLIPTextModel)) and isinstance(tower.encoder.layers[-1], CLIPEncoderLayer):
             yield name, tower, tower.encoder.layers[-1], encoder_forward, _pooled_forward(_pooled_clip_layer)
-    # A dual encoder's ViT and BERT towers pool their first token through their pooler.
+    # A dual encoder's other towers pool their first token (through their pooler, or DINOv2's final layer norm).
     vision = getattr(model, "vision_model", None)
-    if isinstance(vision, ViTModel) and vision.pooler is not None and isinstance(vision.layers[-1], ViTLayer):
+    models, layers = VIT_FAMILY
+    if isinstance(vision, models) and vision.pooler is not None and isinstance(vision.layers[-1], layers):
         yield "vision_model", vision, vision.layers[-1], _vit_forward, _pooled_forward(_pooled_vit_layer)
+    models, layers = DINOV2_FAMILY
+    if isinstance(vision, models) and isinstance(vision.encoder.layer[-1], layers):
+        yield "vision_model", vision, vision.encoder.layer[-1], _dinov2_forward, _pooled_forward(_pooled_dinov2_layer)
     text = getattr(model, "text_model", None)
-    if (isinstance(text, BertModel) and text.pooler is not None and not text.config.is_decoder
-            and isinstance(text.encoder.layer[-1], BertLayer)):
+    models, layers = BERT_FAMILY
+    if (isinstance(text, models) and text.pooler is not None and not text.config.is_decoder
+            and isinstance(text.encoder.layer[-1], layers)):
         yield "text_model", text, text.encoder.layer[-1], _bert_forward, _pooled_forward(_pooled_bert_layer)
     vilt = model if isinstance(model, ViltModel) else getattr(model, "vilt", None)
     if isinstance(vilt, ViltModel) and vilt.pooler is not None and isinstance(vilt.encoder.layer[-1], ViltLayer):
@@ -223,6 +244,33 @@ def _vit_forward(self: ViTModel, pixel_values: torch.Tensor, bool_masked_pos=Non
     cls = torch.zeros(len(hidden_states), dtype=torch.long, device=hidden_states.device)
     pooled = self.layernorm(last(hidden_states, mask, pool_at=cls, key_mask=None if attention_mask is None else attention_mask.bool()))[:, None]
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.pooler(pooled))
+
+
+def _pooled_dinov2_layer(self: Dinov2Layer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    batch = len(hidden_states)
+    attention = self.attention
+    rows = torch.arange(batch, device=hidden_states.device)
+    normed = self.norm1(hidden_states)  # (B, T, D)
+    heads = (batch, -1, attention.num_attention_heads, attention.head_dim)
+    query = attention.q_proj(normed[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.head_dim)
+    key = attention.k_proj(normed).view(heads).transpose(1, 2)  # (B, H, T, d)
+    value = attention.v_proj(normed).view(heads).transpose(1, 2)
+    attended = _attend(query, key, value, key_mask, attention.attention_dropout if self.training else 0.0, attention.scaling)
+    # Stochastic depth draws one number per sample, for (B, 1) here as for (B, 1, 1) in the model's own layer.
+    pooled = self.drop_path(self.layer_scale1(attention.o_proj(attended))) + hidden_states[rows, pool_at]
+    return self.drop_path(self.layer_scale2(self.mlp(self.norm2(pooled)))) + pooled  # (B, D)
+
+
+def _dinov2_forward(self: Dinov2Model, pixel_values: torch.Tensor, bool_masked_pos=None, attention_mask=None, **kwargs):
+    _refuse_extra_outputs(self, kwargs)
+    hidden_states = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+    mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+    *layers, last = self.encoder.layer
+    for layer in layers:
+        hidden_states = layer(hidden_states, mask)
+    cls = torch.zeros(len(hidden_states), dtype=torch.long, device=hidden_states.device)
+    pooled = self.layernorm(last(hidden_states, mask, pool_at=cls, key_mask=None if attention_mask is None else attention_mask.bool()))[:, None]
+    return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=pooled[:, 0])  # DINOv2 pools the normed class token
 
 
 def _pooled_bert_layer(self: BertLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
