@@ -84,6 +84,24 @@ def test_rejects_images_without_captions_and_bad_indices():
         retrieval_metrics(torch.eye(2), torch.eye(2), torch.tensor([0, 5]))
 
 
+def test_rejects_embeddings_that_are_not_finite():
+    text = torch.eye(3)
+    text[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"1 text embeddings are not finite \(the first: row 2\)"):
+        retrieval_metrics(torch.eye(3), text, torch.arange(3))
+
+
+@pytest.mark.parametrize("chunk_size", [2, 1024])
+def test_ranks_match_brute_force_with_captions_in_any_order(chunk_size):
+    """Captions listed out of image order (as a shuffled file holds them), several per image, with ties."""
+    image, text, text_to_image = quantized_case(num_images=12, seed=7)
+    order = torch.randperm(len(text), generator=torch.Generator().manual_seed(0))
+    text, text_to_image = text[order], text_to_image[order]
+    i2t, t2i = retrieval_ranks(image, text, text_to_image, chunk_size=chunk_size)
+    ref_i2t, ref_t2i = brute_force_ranks(image, text, text_to_image)
+    assert torch.equal(i2t, ref_i2t) and torch.equal(t2i, ref_t2i)
+
+
 def test_chance_recall_matches_random_scores():
     from utils.retrieval import chance_recall
 

@@ -20,11 +20,29 @@ DEFAULT_KS = (1, 5, 10)
 
 
 def _rank_of(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1-based rank of column `target[q]` in row q of `scores` (Q, K), ties broken by column index."""
+    """1-based rank of column `target[q]` in row q of `scores` (Q, K), ties broken by column index: 1 + the columns
+    that score higher + the lower-indexed columns that score the same. Two passes over `scores`; the rows where
+    another column ties with the target (rare with real embeddings) get a third, on their own."""
     target_score = scores.gather(1, target[:, None])  # (Q, 1)
-    columns = torch.arange(scores.shape[1], device=scores.device)
-    beats = (scores > target_score) | ((scores == target_score) & (columns[None, :] < target[:, None]))
-    return beats.sum(dim=1) + 1
+    # int32 counts: summing a bool row into int64 (the default) took twice as long here
+    ranks = (scores > target_score).sum(dim=1, dtype=torch.int32).long() + 1
+    tied = ((scores == target_score).sum(dim=1, dtype=torch.int32) > 1).nonzero()[:, 0]  # the target always equals itself
+    if len(tied):
+        columns = torch.arange(scores.shape[1], device=scores.device)
+        equal_before = (scores[tied] == target_score[tied]) & (columns[None, :] < target[tied, None])
+        ranks[tied] += equal_before.sum(dim=1)
+    return ranks
+
+
+def _captions_of(text_to_image: torch.Tensor, num_images: int) -> torch.Tensor:
+    """(N, most captions of one image): each image's caption indices in increasing order, padded with -1."""
+    counts = torch.bincount(text_to_image, minlength=num_images)
+    order = torch.argsort(text_to_image, stable=True)  # grouped by image, each group in caption order
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(order), device=order.device) - starts[text_to_image[order]]
+    captions = torch.full((num_images, int(counts.max()) if num_images else 0), -1, dtype=torch.long, device=order.device)
+    captions[text_to_image[order], slot] = order
+    return captions
 
 
 def retrieval_ranks(
@@ -48,23 +66,28 @@ def retrieval_ranks(
         raise ValueError("text_to_image holds an index outside [0, number of images)")
     if num_images and torch.bincount(text_to_image, minlength=num_images).min() == 0:
         raise ValueError("every image needs at least one caption for image->text retrieval")
+    for name, embeds in (("image", image_embeds), ("text", text_embeds)):
+        bad = (~torch.isfinite(embeds).all(dim=1)).nonzero()
+        if len(bad):  # NaN scores would rank by no rule
+            raise ValueError(f"{len(bad)} {name} embeddings are not finite (the first: row {int(bad[0])}): the model's outputs overflowed "
+                             "or diverged; ranks would be meaningless")
 
-    text_columns = torch.arange(num_texts, device=image_embeds.device)
+    captions_of = _captions_of(text_to_image, num_images)  # (N, C)
     i2t = torch.empty(num_images, dtype=torch.long)
     for start in range(0, num_images, chunk_size):
         scores = image_embeds[start : start + chunk_size] @ text_embeds.T  # (c, M)
-        rows = torch.arange(start, start + scores.shape[0], device=scores.device)
-        own = text_to_image[None, :] == rows[:, None]  # (c, M): the captions of each query image
-        # The best-ranked own caption is the highest-scoring one, the lowest index among equals.
-        best_score = scores.masked_fill(~own, float("-inf")).amax(dim=1, keepdim=True)
-        candidate = own & (scores == best_score)
-        best_caption = torch.where(candidate, text_columns[None, :], num_texts).amin(dim=1)
-        i2t[start : start + scores.shape[0]] = _rank_of(scores, best_caption).cpu()
+        own = captions_of[start : start + len(scores)]  # (c, C)
+        # The best-ranked own caption is the highest-scoring one, the lowest index among equals; its score is read
+        # from `scores` itself, so that it compares with the other columns exactly.
+        own_scores = scores.gather(1, own.clamp(min=0)).masked_fill(own < 0, float("-inf"))
+        best = own_scores == own_scores.amax(dim=1, keepdim=True)
+        best_caption = torch.where(best & (own >= 0), own, num_texts).amin(dim=1)
+        i2t[start : start + len(scores)] = _rank_of(scores, best_caption).cpu()
 
     t2i = torch.empty(num_texts, dtype=torch.long)
     for start in range(0, num_texts, chunk_size):
         scores = text_embeds[start : start + chunk_size] @ image_embeds.T  # (c, N)
-        t2i[start : start + scores.shape[0]] = _rank_of(scores, text_to_image[start : start + scores.shape[0]]).cpu()
+        t2i[start : start + len(scores)] = _rank_of(scores, text_to_image[start : start + len(scores)]).cpu()
     return i2t, t2i
 
 
