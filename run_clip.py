@@ -88,7 +88,7 @@ class ModelArguments(ModelSourceArguments):
         default=None, metadata={"help": "With --text_model_name_or_path: build a dual encoder from this vision encoder (ViT, DeiT, DINOv2, CLIP vision, ...)."}
     )
     text_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "With --vision_model_name_or_path: the text encoder (BERT/RoBERTa family)."}
+        default=None, metadata={"help": "With --vision_model_name_or_path: the text encoder (BERT/RoBERTa family, MPNet, ...)."}
     )
     config_overrides: str | None = field(
         default=None, metadata={"help": "With --config_name: overrides such as 'projection_dim=256,logit_scale_init_value=2.0'."}

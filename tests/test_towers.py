@@ -1,7 +1,7 @@
 """utils.towers: the encoders whose last layer runs at the pooled token give the model's own outputs and
 gradients, in float64: CLIP for both of CLIPTextModel's pooling rules, with padded captions and a second eos
 token; a dual encoder's CLIP-vision, ViT, DeiT, DINOv2 (with and without registers) vision towers and BERT (the
-real MiniLM), RoBERTa, XLM-RoBERTa and CamemBERT text towers; ViLT with padded questions and padded images."""
+real MiniLM), RoBERTa, XLM-RoBERTa, CamemBERT and MPNet text towers; ViLT with padded questions and padded images."""
 
 import copy
 
@@ -22,6 +22,8 @@ from transformers import (
     Dinov2Model,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
+    MPNetConfig,
+    MPNetModel,
     RobertaConfig,
     RobertaModel,
     ViltConfig,
@@ -140,6 +142,7 @@ TEXT_TOWERS = {
     "roberta": lambda: RobertaModel(RobertaConfig(**SMALL_TEXT)),
     "xlm_roberta": lambda: XLMRobertaModel(XLMRobertaConfig(**SMALL_TEXT)),
     "camembert": lambda: CamembertModel(CamembertConfig(**SMALL_TEXT)),
+    "mpnet": lambda: MPNetModel(MPNetConfig(**SMALL_TEXT)),  # relative position bias in every layer's scores
     "minilm": lambda: AutoModel.from_pretrained(minilm_path()),  # the real all-MiniLM-L6-v2 (BERT, 6 layers)
 }
 
@@ -162,7 +165,7 @@ def padded_captions(text: str) -> dict:
 
 @pytest.mark.parametrize(("vision", "text", "checkpointing"), [
     ("clip", "minilm", False), ("vit", "minilm", False), ("deit", "roberta", False), ("dinov2", "xlm_roberta", False),
-    ("dinov2_registers_swiglu", "camembert", False), ("dinov2", "roberta", True),
+    ("dinov2_registers_swiglu", "camembert", False), ("vit", "mpnet", False), ("dinov2", "roberta", True),
 ])
 def test_pooled_dual_encoder_gives_the_models_embeddings_and_gradients(vision, text, checkpointing, monkeypatch):
     """A dual encoder's vision tower and its BERT-family text tower (padded captions) pool their first token:

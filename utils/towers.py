@@ -1,9 +1,10 @@
 """Encoders that run their last layer at the pooled token alone: CLIP's two towers; a dual encoder's vision tower
-(ViT, DeiT, DINOv2, DINOv2 with registers) and text tower (BERT, RoBERTa, XLM-RoBERTa, CamemBERT); and ViLT.
+(ViT, DeiT, DINOv2, DINOv2 with registers) and text tower (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, MPNet); and
+ViLT.
 
 A CLIP embedding reads one position of each tower's output: the class token of an image (position 0), the first
 end-of-text token of a caption. The poolers of ViT, DeiT, DINOv2 and the BERT family (a dual encoder reads its
-towers' `pooler_output`) and ViLT's (its VQA head) read position 0, the class token or [CLS]. In the last layer every other position's query, attention output, MLP
+towers' `pooler_output`; MPNet's too) and ViLT's (its VQA head) read position 0, the class token or [CLS]. In the last layer every other position's query, attention output, MLP
 and residual are computed and thrown away; only the keys and values need every position. `pool_last_layers` makes each such encoder of a model compute that
 layer's keys and values over the sequence and the rest at the pooled position alone: per encoder of L layers and
 a sequence of T positions, about 10/12 of one layer's matmul FLOPs for T - 1 positions are not spent (7% of a
@@ -43,6 +44,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextMod
 from transformers.models.deit.modeling_deit import DeiTLayer, DeiTModel
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2Model
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersLayer, Dinov2WithRegistersModel
+from transformers.models.mpnet.modeling_mpnet import MPNetLayer, MPNetModel
 from transformers.models.roberta.modeling_roberta import RobertaLayer, RobertaModel
 from transformers.models.vilt.modeling_vilt import ViltLayer, ViltModel
 from transformers.models.vit.modeling_vit import ViTLayer, ViTModel
@@ -57,8 +59,8 @@ DINOV2_FAMILY = (Dinov2Model, Dinov2WithRegistersModel), (Dinov2Layer, Dinov2Wit
 def pool_last_layers(model) -> list[str]:
     """Run the last layer of each tower of `model` (`vision_model`, `text_model`: CLIPModel, or a dual encoder with
     the towers named in this module's docstring) and of its ViLT encoder (`vilt`: ViltForQuestionAnswering, or a
-    ViltModel itself) at the pooled position only. Returns the names of the encoders changed; others (MPNet,
-    ELECTRA, Swin, SigLIP, a tower without a pooler, ...) are left as they are."""
+    ViltModel itself) at the pooled position only. Returns the names of the encoders changed; others (ELECTRA,
+    Swin, SigLIP, a tower without a pooler, ...) are left as they are."""
     changed = []
     for name, encoder, last, encoder_forward, layer_forward in _poolable(model):
         encoder.forward = types.MethodType(encoder_forward, encoder)
@@ -94,6 +96,8 @@ def _poolable(model):
     if (isinstance(text, models) and text.pooler is not None and not text.config.is_decoder
             and isinstance(text.encoder.layer[-1], layers)):
         yield "text_model", text, text.encoder.layer[-1], _bert_forward, _pooled_forward(_pooled_bert_layer)
+    if isinstance(text, MPNetModel) and text.pooler is not None and isinstance(text.encoder.layer[-1], MPNetLayer):
+        yield "text_model", text, text.encoder.layer[-1], _mpnet_forward, _pooled_forward(_pooled_mpnet_layer)
     vilt = model if isinstance(model, ViltModel) else getattr(model, "vilt", None)
     if isinstance(vilt, ViltModel) and vilt.pooler is not None and isinstance(vilt.encoder.layer[-1], ViltLayer):
         yield "vilt", vilt, vilt.encoder.layer[-1], _vilt_forward, _pooled_forward(_pooled_vilt_layer)
@@ -111,13 +115,13 @@ def eos_positions(tower: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor
 def _pooled_forward(compute):
     """A layer's forward that returns its output at position `pool_at[b]` of each row b, (B, D), by
     `compute(layer, hidden_states, pool_at=, key_mask=)`. `key_mask` (B, T): True where that position's query may
-    attend; None: everywhere. `attention_mask` (the other layers' 4-D mask) is not read: `key_mask` is its row at
+    attend; None: everywhere; or (B, H, T) floats added to that query's attention scores (MPNet's position bias). `attention_mask` (the other layers' 4-D mask) is not read: `key_mask` is its row at
     `pool_at`. Under activation checkpointing the layer is recomputed in the backward pass, as transformers'
     GradientCheckpointingLayer does for the other layers."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *, pool_at: torch.Tensor,
                 key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training:
+        if getattr(self, "gradient_checkpointing", False) and self.training:  # MPNet's layers cannot checkpoint
             return self._gradient_checkpointing_func(partial(compute, self, pool_at=pool_at, key_mask=key_mask), hidden_states)
         return compute(self, hidden_states, pool_at=pool_at, key_mask=key_mask)
 
@@ -126,8 +130,9 @@ def _pooled_forward(compute):
 
 def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None, dropout: float,
             scale: float) -> torch.Tensor:
-    """One query per row: (B, H, 1, d) against (B, H, T, d) keys and values, `key_mask` (B, T). -> (B, H * d)."""
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    """One query per row: (B, H, 1, d) against (B, H, T, d) keys and values, `key_mask` (B, T) bool or (B, H, T)
+    float (`_pooled_forward`). -> (B, H * d)."""
+    mask = None if key_mask is None else key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, :, None, :]
     attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
     return attended.reshape(len(query), -1)
 
@@ -302,6 +307,41 @@ def _bert_forward(self: BertModel, input_ids=None, attention_mask=None, token_ty
     cls = torch.zeros(len(hidden_states), dtype=torch.long, device=hidden_states.device)
     pooled = last(hidden_states, mask, pool_at=cls, key_mask=None if attention_mask is None else attention_mask.bool())[:, None]
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.pooler(pooled))
+
+
+def _pooled_mpnet_layer(self: MPNetLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    batch = len(hidden_states)
+    attention = self.attention.attn
+    rows = torch.arange(batch, device=hidden_states.device)
+    heads = (batch, -1, attention.num_attention_heads, attention.attention_head_size)
+    query = attention.q(hidden_states[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.attention_head_size)
+    key = attention.k(hidden_states).view(heads).transpose(1, 2)  # (B, H, T, d)
+    value = attention.v(hidden_states).view(heads).transpose(1, 2)
+    attended = _attend(query, key, value, key_mask, attention.dropout.p if self.training else 0.0, attention.attention_head_size**-0.5)
+    pooled = self.attention.LayerNorm(self.attention.dropout(attention.o(attended)) + hidden_states[rows, pool_at])
+    return self.output(self.intermediate(pooled), pooled)  # (B, D)
+
+
+def _mpnet_forward(self: MPNetModel, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, output_attentions=None,
+                   output_hidden_states=None, return_dict=None, **kwargs):
+    _refuse_extra_outputs(self, {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states})
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+    mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+    position_bias = self.encoder.compute_position_bias(hidden_states)  # (B, H, T, T), relative positions, added to the scores
+    *layers, last = self.encoder.layer
+    for layer in layers:
+        hidden_states = layer(hidden_states, mask, position_bias)[0]
+    cls = torch.zeros(len(hidden_states), dtype=torch.long, device=hidden_states.device)
+    scores_bias = position_bias[:, :, 0, :]  # (B, H, T): the [CLS] query's row
+    if attention_mask is not None:
+        scores_bias = scores_bias.masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
+    pooled = last(hidden_states, mask, pool_at=cls, key_mask=scores_bias)[:, None]
+    pooler_output = self.pooler(pooled)
+    if return_dict is False:
+        return pooled, pooler_output
+    return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=pooler_output)
 
 
 def _refuse_extra_outputs(tower, kwargs: dict) -> None:
