@@ -467,6 +467,15 @@ def choose_attention(model, model_args, training_args) -> None:
         logger.info("Attention implementation: %s", implementation)
 
 
+def set_up_fast_paths(model, model_args, training_args) -> None:
+    """The model's forward as run_clip trains it: the attention kernel (`choose_attention`) and, unless
+    --pooled_last_layer false, each tower's last layer at its pooled token (utils.towers). The benchmarks call
+    this too, so that they time what the script runs."""
+    choose_attention(model, model_args, training_args)
+    if model_args.pooled_last_layer and (towers := pool_last_layers(model)):
+        logger.info("Last layer computed at the pooled token only in: %s (--pooled_last_layer false to turn off)", ", ".join(towers))
+
+
 def answer_input_embeddings(model) -> None:
     """accelerate's FSDP2 wrapping shards a model's input embeddings as a unit of their own and asks for them with
     get_input_embeddings(), which CLIPModel and VisionTextDualEncoderModel leave unanswered in transformers 5.23
@@ -522,9 +531,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. Model and processor; seeded first, as a dual encoder's projections (or a model from scratch) start at random.
     set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args)
-    choose_attention(model, model_args, training_args)
-    if model_args.pooled_last_layer and (towers := pool_last_layers(model)):
-        logger.info("Last layer computed at the pooled token only in: %s (--pooled_last_layer false to turn off)", ", ".join(towers))
+    set_up_fast_paths(model, model_args, training_args)
     answer_input_embeddings(model)
     if model_args.freeze_vision_model:
         freeze(model.vision_model)

@@ -67,8 +67,7 @@ from benchmarks.common import (  # noqa: E402
     update_results,
     write_image_text_data,
 )
-from run_clip import ClampLogitScaleCallback, ClipCollator, ClipTrainer, ModelArguments, choose_attention  # noqa: E402
-from utils.towers import pool_last_layers  # noqa: E402
+from run_clip import ClampLogitScaleCallback, ClipCollator, ClipTrainer, ModelArguments, choose_attention, set_up_fast_paths  # noqa: E402
 from utils.data import ImageTextDataset, load_splits, sample_seed  # noqa: E402
 from utils.images import ImageTransformSpec, build_image_transform, load_image, normalize_pixels  # noqa: E402
 from utils.losses import clip_loss  # noqa: E402
@@ -192,6 +191,12 @@ def decay_parameter_names(model: torch.nn.Module) -> set[str]:
 # --- Training throughput ---------------------------------------------------------------------------------
 
 
+def set_up_like_run_clip(model, precision: str, device: torch.device) -> None:
+    """run_clip's own set-up of the model with its default flags (`set_up_fast_paths`): the attention choice for this
+    device and precision (eager in bf16 on CPU), each tower's last layer at its pooled token."""
+    set_up_fast_paths(model, ModelArguments(config_name="benchmark"), SimpleNamespace(bf16=precision == "bf16", device=device))
+
+
 class TrainingLoop:
     """One pipeline's data, loss and optimizer around a model; `step()` runs one training step and times its parts.
 
@@ -212,8 +217,7 @@ class TrainingLoop:
         if self.ours:
             # run_clip's attention choice for this device and precision (eager in bf16 on CPU); the baseline keeps
             # transformers' default (sdpa), as the example does.
-            choose_attention(model, SimpleNamespace(attn_implementation=None), SimpleNamespace(bf16=precision == "bf16", device=self.device))
-            pool_last_layers(model)  # run_clip's default, --pooled_last_layer
+            set_up_like_run_clip(model, precision, self.device)
             dataset = build_our_dataset(jsonl, spec, draft=pipeline != "ours_full_decode")
             if pipeline == "ours_compiled":
                 from accelerate.utils import compile_regions
@@ -518,8 +522,7 @@ def _measure_trainer(model, tokenizer, spec, precision, batch_size, warmup_steps
     """ClipTrainer.train() as run_clip's main() sets it up; a step is the time between two step ends (data
     loading for the step included)."""
     timer = _StepTimer()
-    choose_attention(model, SimpleNamespace(attn_implementation=None), SimpleNamespace(bf16=precision == "bf16", device=torch.device("cpu")))
-    pool_last_layers(model)
+    set_up_like_run_clip(model, precision, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir, use_cpu=True, bf16=precision == "bf16", per_device_train_batch_size=batch_size,
