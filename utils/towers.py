@@ -128,26 +128,31 @@ def _pooled_forward(compute):
     return forward
 
 
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None, dropout: float,
-            scale: float) -> torch.Tensor:
-    """One query per row: (B, H, 1, d) against (B, H, T, d) keys and values, `key_mask` (B, T) bool or (B, H, T)
-    float (`_pooled_forward`). -> (B, H * d)."""
+def _attend_at(states: torch.Tensor, pool_at: torch.Tensor, key_mask: torch.Tensor | None, query, key, value, num_heads: int,
+               dropout: float, scale: float) -> torch.Tensor:
+    """Attention of one query per row, at position `pool_at[b]` of `states` (B, T, D), over the keys and values of every
+    position; `query`, `key`, `value`: the layer's projections; `key_mask` (B, T) bool or (B, H, T) float
+    (`_pooled_forward`). -> (B, H * d), before the output projection."""
+    batch = len(states)
+    query = query(_at(states, pool_at)).view(batch, num_heads, 1, -1)
+    key = key(states).view(batch, -1, num_heads, query.shape[-1]).transpose(1, 2)  # (B, H, T, d)
+    value = value(states).view(batch, -1, num_heads, query.shape[-1]).transpose(1, 2)
     mask = None if key_mask is None else key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, :, None, :]
     attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale)
-    return attended.reshape(len(query), -1)
+    return attended.reshape(batch, -1)
+
+
+def _at(states: torch.Tensor, pool_at: torch.Tensor) -> torch.Tensor:
+    """Row b's position `pool_at[b]`: (B, T, D) -> (B, D)."""
+    return states[torch.arange(len(states), device=states.device), pool_at]
 
 
 def _pooled_clip_layer(self: CLIPEncoderLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    batch = len(hidden_states)
     attention = self.self_attn
-    rows = torch.arange(batch, device=hidden_states.device)
     normed = self.layer_norm1(hidden_states)  # (B, T, D): keys and values need every position
-    heads = (batch, -1, attention.num_heads, attention.head_dim)
-    query = attention.q_proj(normed[rows, pool_at]).view(batch, attention.num_heads, 1, attention.head_dim)
-    key = attention.k_proj(normed).view(heads).transpose(1, 2)  # (B, H, T, d)
-    value = attention.v_proj(normed).view(heads).transpose(1, 2)
-    attended = _attend(query, key, value, key_mask, attention.dropout if self.training else 0.0, attention.scale)
-    pooled = hidden_states[rows, pool_at] + attention.out_proj(attended)
+    attended = _attend_at(normed, pool_at, key_mask, attention.q_proj, attention.k_proj, attention.v_proj, attention.num_heads,
+                          attention.dropout if self.training else 0.0, attention.scale)
+    pooled = _at(hidden_states, pool_at) + attention.out_proj(attended)
     return pooled + self.mlp(self.layer_norm2(pooled))  # (B, D)
 
 
@@ -181,16 +186,11 @@ def _clip_text_forward(self: CLIPTextModel, input_ids: torch.Tensor, attention_m
 
 
 def _pooled_vilt_layer(self: ViltLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    batch = len(hidden_states)
     attention = self.attention.attention
-    rows = torch.arange(batch, device=hidden_states.device)
     normed = self.layernorm_before(hidden_states)  # (B, T, D): ViLT normalizes before attention
-    heads = (batch, -1, attention.num_attention_heads, attention.attention_head_size)
-    query = attention.query(normed[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.attention_head_size)
-    key = attention.key(normed).view(heads).transpose(1, 2)  # (B, H, T, d)
-    value = attention.value(normed).view(heads).transpose(1, 2)
-    attended = _attend(query, key, value, key_mask, attention.dropout.p if self.training else 0.0, attention.attention_head_size**-0.5)
-    pooled = self.attention.output(attended, None) + hidden_states[rows, pool_at]
+    attended = _attend_at(normed, pool_at, key_mask, attention.query, attention.key, attention.value, attention.num_attention_heads,
+                          attention.dropout.p if self.training else 0.0, attention.attention_head_size**-0.5)
+    pooled = self.attention.output(attended, None) + _at(hidden_states, pool_at)
     return self.output(self.intermediate(self.layernorm_after(pooled)), pooled)  # (B, D), the residual added in `output`
 
 
@@ -223,17 +223,16 @@ def _vilt_forward(self: ViltModel, input_ids=None, attention_mask=None, token_ty
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=pooler_output)
 
 
+def _projected_attention_at(attention, normed: torch.Tensor, pool_at: torch.Tensor, key_mask: torch.Tensor | None, training: bool) -> torch.Tensor:
+    """ViT's, DeiT's and DINOv2's attention (q_proj, k_proj, v_proj, o_proj) at the pooled position: (B, D)."""
+    attended = _attend_at(normed, pool_at, key_mask, attention.q_proj, attention.k_proj, attention.v_proj, attention.num_attention_heads,
+                          attention.attention_dropout if training else 0.0, attention.scaling)
+    return attention.o_proj(attended)
+
+
 def _pooled_vit_layer(self: ViTLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    batch = len(hidden_states)
-    attention = self.attention
-    rows = torch.arange(batch, device=hidden_states.device)
-    normed = self.layernorm_before(hidden_states)  # (B, T, D)
-    heads = (batch, -1, attention.num_attention_heads, attention.head_dim)
-    query = attention.q_proj(normed[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.head_dim)
-    key = attention.k_proj(normed).view(heads).transpose(1, 2)  # (B, H, T, d)
-    value = attention.v_proj(normed).view(heads).transpose(1, 2)
-    attended = _attend(query, key, value, key_mask, attention.attention_dropout if self.training else 0.0, attention.scaling)
-    pooled = self.dropout(attention.o_proj(attended)) + hidden_states[rows, pool_at]
+    attended = _projected_attention_at(self.attention, self.layernorm_before(hidden_states), pool_at, key_mask, self.training)
+    pooled = self.dropout(attended) + _at(hidden_states, pool_at)
     return self.dropout(self.mlp(self.layernorm_after(pooled))) + pooled  # (B, D)
 
 
@@ -252,17 +251,9 @@ def _vit_forward(self: ViTModel, pixel_values: torch.Tensor, bool_masked_pos=Non
 
 
 def _pooled_dinov2_layer(self: Dinov2Layer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    batch = len(hidden_states)
-    attention = self.attention
-    rows = torch.arange(batch, device=hidden_states.device)
-    normed = self.norm1(hidden_states)  # (B, T, D)
-    heads = (batch, -1, attention.num_attention_heads, attention.head_dim)
-    query = attention.q_proj(normed[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.head_dim)
-    key = attention.k_proj(normed).view(heads).transpose(1, 2)  # (B, H, T, d)
-    value = attention.v_proj(normed).view(heads).transpose(1, 2)
-    attended = _attend(query, key, value, key_mask, attention.attention_dropout if self.training else 0.0, attention.scaling)
+    attended = _projected_attention_at(self.attention, self.norm1(hidden_states), pool_at, key_mask, self.training)
     # Stochastic depth draws one number per sample, for (B, 1) here as for (B, 1, 1) in the model's own layer.
-    pooled = self.drop_path(self.layer_scale1(attention.o_proj(attended))) + hidden_states[rows, pool_at]
+    pooled = self.drop_path(self.layer_scale1(attended)) + _at(hidden_states, pool_at)
     return self.drop_path(self.layer_scale2(self.mlp(self.norm2(pooled)))) + pooled  # (B, D)
 
 
@@ -279,16 +270,11 @@ def _dinov2_forward(self: Dinov2Model, pixel_values: torch.Tensor, bool_masked_p
 
 
 def _pooled_bert_layer(self: BertLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    batch = len(hidden_states)
     attention = self.attention.self
-    rows = torch.arange(batch, device=hidden_states.device)
-    heads = (batch, -1, attention.num_attention_heads, attention.attention_head_size)
     # BERT normalizes after each residual: the queries, keys and values read the layer's input itself.
-    query = attention.query(hidden_states[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.attention_head_size)
-    key = attention.key(hidden_states).view(heads).transpose(1, 2)  # (B, H, T, d)
-    value = attention.value(hidden_states).view(heads).transpose(1, 2)
-    attended = _attend(query, key, value, key_mask, attention.dropout.p if self.training else 0.0, attention.scaling)
-    pooled = self.attention.output(attended, hidden_states[rows, pool_at])  # LayerNorm(dense + residual)
+    attended = _attend_at(hidden_states, pool_at, key_mask, attention.query, attention.key, attention.value, attention.num_attention_heads,
+                          attention.dropout.p if self.training else 0.0, attention.scaling)
+    pooled = self.attention.output(attended, _at(hidden_states, pool_at))  # LayerNorm(dense + residual)
     return self.output(self.intermediate(pooled), pooled)  # (B, D)
 
 
@@ -310,15 +296,10 @@ def _bert_forward(self: BertModel, input_ids=None, attention_mask=None, token_ty
 
 
 def _pooled_mpnet_layer(self: MPNetLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    batch = len(hidden_states)
     attention = self.attention.attn
-    rows = torch.arange(batch, device=hidden_states.device)
-    heads = (batch, -1, attention.num_attention_heads, attention.attention_head_size)
-    query = attention.q(hidden_states[rows, pool_at]).view(batch, attention.num_attention_heads, 1, attention.attention_head_size)
-    key = attention.k(hidden_states).view(heads).transpose(1, 2)  # (B, H, T, d)
-    value = attention.v(hidden_states).view(heads).transpose(1, 2)
-    attended = _attend(query, key, value, key_mask, attention.dropout.p if self.training else 0.0, attention.attention_head_size**-0.5)
-    pooled = self.attention.LayerNorm(self.attention.dropout(attention.o(attended)) + hidden_states[rows, pool_at])
+    attended = _attend_at(hidden_states, pool_at, key_mask, attention.q, attention.k, attention.v, attention.num_attention_heads,
+                          attention.dropout.p if self.training else 0.0, attention.attention_head_size**-0.5)
+    pooled = self.attention.LayerNorm(self.attention.dropout(attention.o(attended)) + _at(hidden_states, pool_at))
     return self.output(self.intermediate(pooled), pooled)  # (B, D)
 
 
