@@ -1,6 +1,9 @@
 """Every data format loads, image paths resolve against the data file's folder, bad columns are named."""
 
+import bz2
+import gzip
 import json
+import lzma
 import os
 
 import datasets
@@ -121,8 +124,52 @@ def test_a_jsonl_line_that_is_not_json_stops_a_whole_load_naming_it(tmp_path):
         load_one(tmp_path / "train.jsonl")
 
 
+COMPRESSORS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def write_compressed(path, text: str, suffix: str) -> str:
+    with COMPRESSORS[suffix](f"{path}{suffix}", "wt", encoding="utf-8") as f:
+        f.write(text)
+    return f"{path}{suffix}"
+
+
 @pytest.mark.parametrize("streaming", [False, True])
-def test_a_jsonl_loaded_by_name_keeps_each_value_as_written(tmp_path, streaming):
+@pytest.mark.parametrize("suffix", list(COMPRESSORS))
+def test_compressed_data_files_read_as_the_file_inside(folder, suffix, streaming):
+    """train.jsonl.gz (.bz2, .xz) reads as train.jsonl would: each value as written ("42" stays text among lists),
+    images found next to the file; a csv too, its "NA" kept as text."""
+    captions = ["a red box", ["a green box", "a square"], "42"]
+    records = [{"image": f"images/{i}.png", "captions": c} for i, c in enumerate(captions)]
+    path = write_compressed(folder / "train.jsonl", "".join(json.dumps(r) + "\n" for r in records), suffix)
+    split = load_one(path, streaming=streaming)
+    assert [r["captions"] for r in split.rows] == captions
+    if not streaming:
+        assert as_dataset(split, caption_column="captions")[1]["pixel_values"][1].float().mean() > 100  # green
+    path = write_compressed(folder / "train.csv", "image,caption\n" + "".join(f"{r['image']},{r['caption']}\n" for r in rows()), suffix)
+    assert [r["caption"] for r in load_one(path, streaming=streaming).rows] == ["NA", "null", "a blue box"]
+
+
+def test_compressed_files_are_checked_as_plain_ones(folder):
+    """The checks before loading read the file inside: bytes that are not UTF-8 name their line, an empty file is
+    named, a bad JSON line is skipped and recorded when streamed; a compressed parquet file is refused."""
+    path = write_compressed(folder / "train.csv", "image,caption\nimages/0.png,caf\xe9\n", ".gz")
+    with open(path, "wb") as f:
+        f.write(gzip.compress("image,caption\nimages/0.png,café\n".encode("latin-1")))
+    with pytest.raises(ValueError, match=r"train.csv.gz'?, line 2: bytes b'\\xe9' are not UTF-8"):
+        load_one(path)
+    with pytest.raises(ValueError, match=r"train.jsonl.gz'? holds no rows"):
+        load_one(write_compressed(folder / "train.jsonl", "\n", ".gz"))
+    path = write_compressed(folder / "train.jsonl", json.dumps(rows()[0]) + "\n{not json\n" + json.dumps(rows()[2]) + "\n", ".gz")
+    streamed = list(load_one(path, streaming=True).rows)
+    assert [r["caption"] for r in streamed] == ["NA", None, "a blue box"]
+    assert streamed[1][UNREADABLE_COLUMN].startswith("train.jsonl.gz line 2: not JSON")
+    with pytest.raises(ValueError, match=r"train.parquet.gz'?: expected a .csv, .json, .jsonl or .parquet file \(the first three also compressed"):
+        load_one(write_compressed(folder / "train.parquet", "", ".gz"))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("compressed", [False, True], ids=["", "gz"])
+def test_a_jsonl_loaded_by_name_keeps_each_value_as_written(tmp_path, streaming, compressed):
     """--dataset_name (a Hub data set; here a local folder, which datasets reads the same way): datasets types a
     column whose values change type as `Json`, which read the caption "42" back as 42 and "null" as None. Read
     whole, the column is now re-read from the data set's files, as a local file's is; streamed, the files go
@@ -130,7 +177,11 @@ def test_a_jsonl_loaded_by_name_keeps_each_value_as_written(tmp_path, streaming)
     captions = ["one caption", ["a box"], "42", ["two boxes"], "null", "true"]
     folder = tmp_path / "by_name"
     folder.mkdir()
-    (folder / "train.jsonl").write_text("".join(json.dumps({"image": f"images/{i}.png", "captions": c}) + "\n" for i, c in enumerate(captions)))
+    text = "".join(json.dumps({"image": f"images/{i}.png", "captions": c}) + "\n" for i, c in enumerate(captions))
+    if compressed:
+        write_compressed(folder / "train.jsonl", text, ".gz")
+    else:
+        (folder / "train.jsonl").write_text(text)
     split = load_splits(dataset_name=str(folder), streaming=streaming)["train"]
     assert [row["captions"] for row in split.rows] == captions
 

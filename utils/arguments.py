@@ -30,7 +30,7 @@ class DataSourceArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
     train_file: str | None = field(
         default=None,
-        metadata={"help": "csv/json/jsonl/parquet file, an image folder with metadata.jsonl, or webdataset .tar shards (a file, "
+        metadata={"help": "csv/json/jsonl (also .gz/.bz2/.xz)/parquet file, an image folder with metadata.jsonl, or webdataset .tar shards (a file, "
                           "a folder of them, or a glob such as 'shards/train-*.tar')."},
     )
     validation_file: str | None = field(default=None, metadata={"help": "Validation data, same formats."})

@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass
 
 import datasets
+import fsspec
 import torch
 from datasets.utils.file_utils import xopen
 from transformers import TrainerCallback
@@ -36,6 +37,8 @@ from .text import parse_captions
 logger = logging.getLogger(__name__)
 
 DATA_FILE_EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Compressed csv/json/jsonl files are read as the file inside (train.jsonl.gz: a .jsonl file), decompressed as read.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
 SHARD_EXTENSION = ".tar"
 # A webdataset sample is the files that share a key (000123.jpg, 000123.json); these become the scripts' columns.
 WEBDATASET_TEXT_FIELDS = ("txt", "text")
@@ -274,12 +277,13 @@ def load_hub(name: str, config: str | None, cache_dir: str | None, streaming: bo
 
 
 def hub_json_files(builder: datasets.DatasetBuilder) -> dict[str, list[str]] | None:
-    """A data set's files per split when they are plain .json/.jsonl files (local paths or hf:// URLs), else None."""
+    """A data set's files per split when they are .json/.jsonl files, plain or compressed (`COMPRESSIONS`; local
+    paths or hf:// URLs), else None."""
     if builder.name != "json" or not builder.config.data_files:
         return None
     files = {str(split): list(paths) for split, paths in builder.config.data_files.items()}
-    plain = all(os.path.splitext(path)[1].lower() in (".json", ".jsonl") for paths in files.values() for path in paths)
-    return files if plain else None  # compressed files: datasets reads them as it always did
+    ours = all(data_file_kind(path)[0] in (".json", ".jsonl") for paths in files.values() for path in paths)
+    return files if ours else None  # .zst, .zip, ...: datasets reads them as it always did
 
 
 def restore_hub_json_columns(splits: datasets.DatasetDict, name: str, files: dict[str, list[str]] | None) -> datasets.DatasetDict:
@@ -325,12 +329,12 @@ def _load_local(path: str, cache_dir: str | None, streaming: bool = False) -> Sp
             return _load_image_folder(metadata, cache_dir, streaming)
         rows = datasets.load_dataset("imagefolder", data_dir=path, split="train", cache_dir=cache_dir, streaming=streaming)
         return Split(rows, path, path)
-    extension = os.path.splitext(path)[1].lower()
+    extension, compression = data_file_kind(path)
     builder = DATA_FILE_EXTENSIONS.get(extension)
-    if builder is None:
+    if builder is None or (compression and builder == "parquet"):
         raise ValueError(
-            f"data file {path!r}: expected a .csv, .json, .jsonl or .parquet file, an image folder with metadata.jsonl, "
-            "or webdataset .tar shards"
+            f"data file {path!r}: expected a .csv, .json, .jsonl or .parquet file (the first three also compressed: "
+            f"{', '.join(COMPRESSIONS)}), an image folder with metadata.jsonl, or webdataset .tar shards"
         )
     if builder in ("csv", "json"):
         check_utf8(path)
@@ -398,7 +402,7 @@ def _json_records(path: str, unreadable_lines: bool = False):
     """The objects of a JSON Lines file one line at a time, or of a JSON document (an array of objects, or one
     object spread over lines: read whole, as datasets reads them). A line that is not a JSON object raises a
     ValueError naming it, or with `unreadable_lines` is given as an `UnreadableLine`."""
-    with xopen(path, encoding="utf-8") as f:  # a local path, or a Hub data set's file (hf://)
+    with open_data_file(path, "r", encoding="utf-8") as f:
         first_line = next((line for line in f if line.strip()), "").strip()
         f.seek(0)
         if first_line.startswith("[") or not _is_json(first_line):  # "[": an array, even one on a single line
@@ -458,9 +462,27 @@ def _load_image_folder(metadata: str, cache_dir: str | None, streaming: bool) ->
     return Split(rows.rename_column("file_name", "image"), folder, metadata)
 
 
+def data_file_kind(path: str) -> tuple[str, str | None]:
+    """(the extension of the data inside, its compression or None): "train.jsonl.gz" -> (".jsonl", "gzip")."""
+    root, extension = os.path.splitext(path)
+    compression = COMPRESSIONS.get(extension.lower())
+    if compression:
+        extension = os.path.splitext(root)[1]
+    return extension.lower(), compression
+
+
+def open_data_file(path: str, mode: str = "rb", **kwargs):
+    """A data file opened for reading, decompressed as it is read when its name says it is compressed; a local
+    path, or a Hub data set's file (hf://). Use it in a `with` block."""
+    compression = data_file_kind(path)[1]
+    if compression is None:
+        return xopen(path, mode, **kwargs)
+    return fsspec.open(path, mode, compression=compression, **kwargs)
+
+
 def csv_text_features(path: str) -> datasets.Features:
     """A string feature for each column of a csv file's header."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open_data_file(path, "r", newline="", encoding="utf-8") as f:
         header = next(csv.reader(f), [])
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
@@ -471,7 +493,7 @@ def csv_text_features(path: str) -> datasets.Features:
 def check_utf8(path: str) -> None:
     """Text data files must be UTF-8: name the first line that is not, rather than fail deep inside pandas."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    with open(path, "rb") as f:
+    with open_data_file(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             try:
                 decoder.decode(line)
@@ -487,7 +509,7 @@ def check_has_rows(path: str, builder: str) -> None:
     fail on it with StopIteration or "corresponds to no data", naming neither the file nor the cause."""
     needed = 2 if builder == "csv" else 1  # a csv's first line is its header
     lines = 0
-    with open(path, "rb") as f:
+    with open_data_file(path, "rb") as f:
         for line in f:
             lines += bool(line.strip())
             if lines >= needed:
