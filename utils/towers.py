@@ -4,15 +4,16 @@ ViLT.
 
 A CLIP embedding reads one position of each tower's output: the class token of an image (position 0), the first
 end-of-text token of a caption. The poolers of ViT, DeiT, DINOv2 and the BERT family (a dual encoder reads its
-towers' `pooler_output`; MPNet's too) and ViLT's (its VQA head) read position 0, the class token or [CLS]. In the last layer every other position's query, attention output, MLP
-and residual are computed and thrown away; only the keys and values need every position. `pool_last_layers` makes each such encoder of a model compute that
-layer's keys and values over the sequence and the rest at the pooled position alone: per encoder of L layers and
-a sequence of T positions, about 10/12 of one layer's matmul FLOPs for T - 1 positions are not spent (7% of a
-ViT-B/32 CLIP's). The outputs and every parameter's gradient are the same as the model's own forward gives
-(tests/test_towers.py checks values and gradients against it, in float64). With dropout on, the pooled position
-draws its dropout masks on its own, so a step's random draws differ from the model's (their distribution does
-not): CLIP's, ViT's, DINOv2's and ViLT's default configs have none, the BERT family's hidden dropout is 0.1.
-DINOv2's stochastic depth drops a whole sample's branch, drawn per sample as the model draws it.
+towers' `pooler_output`; MPNet's too) and ViLT's (its VQA head) read position 0, the class token or [CLS]. In the
+last layer every other position's query, attention output, MLP and residual are computed and thrown away; only the
+keys and values need every position. `pool_last_layers` makes each such encoder of a model compute that layer's keys
+and values over the sequence and the rest at the pooled position alone: per encoder of L layers and a sequence of T
+positions, about 10/12 of one layer's matmul FLOPs for T - 1 positions are not spent (7% of a ViT-B/32 CLIP's). The
+outputs and every parameter's gradient are the same as the model's own forward gives (tests/test_towers.py checks
+values and gradients against it, in float64). With dropout on, the pooled position draws its dropout masks on its
+own, so a step's random draws differ from the model's (their distribution does not): CLIP's, ViT's, DINOv2's and
+ViLT's default configs have none, the BERT family's hidden dropout is 0.1. DINOv2's stochastic depth drops a whole
+sample's branch, drawn per sample as the model draws it.
 
 In transformers 5.23 RoBERTa, XLM-RoBERTa and CamemBERT copy BERT's model, encoder, layer and pooler line for line
 (only the embeddings differ, and they run as the model's own), DeiT copies ViT's, and DINOv2 with registers
@@ -113,10 +114,11 @@ def eos_positions(tower: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor
 
 
 def _pooled_forward(compute):
-    """A layer's forward that returns its output at position `pool_at[b]` of each row b, (B, D), by
-    `compute(layer, hidden_states, pool_at=, key_mask=)`. `key_mask` (B, T): True where that position's query may
-    attend; None: everywhere; or (B, H, T) floats added to that query's attention scores (MPNet's position bias). `attention_mask` (the other layers' 4-D mask) is not read: `key_mask` is its row at
-    `pool_at`. Under activation checkpointing the layer is recomputed in the backward pass, as transformers'
+    """A layer's forward that returns its output at position `pool_at[b]` of each row b, (B, D), by `compute(layer,
+    hidden_states, pool_at=, key_mask=)`. `key_mask` (B, T): True where that position's query may attend; None:
+    everywhere; or (B, H, T) floats added to that query's attention scores (MPNet's position bias).
+    `attention_mask` (the other layers' 4-D mask) is not read: `key_mask` is its row at `pool_at`. Under
+    activation checkpointing the layer is recomputed in the backward pass, as transformers'
     GradientCheckpointingLayer does for the other layers."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *, pool_at: torch.Tensor,
