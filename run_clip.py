@@ -442,13 +442,16 @@ def load_model_and_processor(model_args: ModelArguments):
 def checkpoint_towers(model, training_args) -> None:
     """--activation_checkpointing (--gradient_checkpointing) for a VisionTextDualEncoderModel: the class does not
     declare support, so the Trainer would refuse the whole model, but its towers (ViT, BERT, ...) do. Enable it on
-    each tower, with the same options, and leave the Trainer's switch off; a tower that cannot raises
-    transformers' error naming it."""
+    each tower, with the same options, and leave the Trainer's switch off. A tower that cannot (MPNet, ...) stops
+    the run here, before training, naming the flag and the tower."""
     if not training_args.activation_checkpointing or model.supports_gradient_checkpointing:
         return
     kwargs = dict(training_args.activation_checkpointing_kwargs or {})
     every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
-    for tower in (model.vision_model, model.text_model):
+    for name, tower in (("vision", model.vision_model), ("text", model.text_model)):
+        if not tower.supports_gradient_checkpointing:
+            raise ValueError(f"--activation_checkpointing: the {name} tower ({type(tower).__name__}) cannot checkpoint its layers in "
+                             "transformers; leave the flag out, or pick another tower.")
         tower.activation_checkpointing_enable(kwargs or None, every_n_layers=every_n_layers, offload=offload)
     training_args.activation_checkpointing = training_args.gradient_checkpointing = False
     logger.info("Activation checkpointing enabled on %s's vision and text towers", type(model).__name__)

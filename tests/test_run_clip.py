@@ -97,6 +97,23 @@ def test_dual_encoder_from_dinov2_and_roberta(assets, tmp_path, caplog):
     assert "Last layer computed at the pooled token only in: vision_model, text_model" in caplog.text
 
 
+def test_a_tower_that_cannot_checkpoint_is_named(assets, tmp_path):
+    """--activation_checkpointing on a dual encoder whose text tower (MPNet) cannot checkpoint: stop before training,
+    naming the flag and the tower."""
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = MPNetConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id)
+    MPNetModel(config).save_pretrained(tmp_path / "mpnet")
+    tokenizer.save_pretrained(tmp_path / "mpnet")
+    args = common_args(assets, tmp_path / "out", "--vision_model_name_or_path", assets["vit"], "--text_model_name_or_path",
+                       str(tmp_path / "mpnet"), "--activation_checkpointing")
+    with pytest.raises(ValueError, match=r"--activation_checkpointing: the text tower \(MPNetModel\) cannot checkpoint"):
+        run_clip.main(args)
+    assert not os.path.exists(tmp_path / "out" / "train_results.json")
+
+
 def test_new_projections_are_drawn_from_the_seed(assets, tmp_path):
     """A dual encoder's projections start at random: the same --seed gives the same model, whatever the process
     drew from the global generator before, and another seed another model."""
