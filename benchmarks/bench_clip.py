@@ -76,7 +76,7 @@ from utils.retrieval import retrieval_metrics  # noqa: E402
 logger = logging.getLogger("bench_clip")
 
 SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval", "compile", "checkpointing", "channels_last",
-            "attention", "compiled_train", "matmul_share", "pooled_last_layer", "pooled_dual_encoder")
+            "attention", "compiled_train", "matmul_share", "pooled_last_layer", "pooled_dual_encoder", "pooled_dinov2_roberta")
 # Not run unless asked for (--sections): each compiles or steps the full model for minutes.
 DEFAULT_SECTIONS = ("matmul", "pipeline", "optimizer", "model", "train", "retrieval")
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-5, 0.1, 1.0  # run_clip's README recipe; the Trainer clips at 1.0
@@ -988,6 +988,30 @@ def measure_pooled_dual_encoder(layers: int, batch_size: int, rounds: int, preci
             **compare_last_layers(model, lambda: clip_step(model, batch, precision), rounds)}
 
 
+def measure_pooled_dinov2_roberta(layers: int, batch_size: int, rounds: int, precision: str) -> dict:
+    """As `measure_pooled_dual_encoder` for the other tower families utils.towers covers: DINOv2-B/14 from
+    Dinov2Config() (224 px: 256 patches + the class token) and RoBERTa-base from RobertaConfig(), both with random
+    weights and `layers` layers, dropout off (RoBERTa's hidden dropout would draw one position's masks instead of
+    all: the losses then agree); captions as token ids of 10-23 tokens padded with RoBERTa's padding id."""
+    from transformers import Dinov2Config, Dinov2Model, RobertaConfig, RobertaModel, VisionTextDualEncoderModel
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    text_config = RobertaConfig(num_hidden_layers=layers, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = VisionTextDualEncoderModel(vision_model=Dinov2Model(Dinov2Config(num_hidden_layers=layers)), text_model=RobertaModel(text_config))
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 24, (batch_size,), generator=generator)
+    input_ids = torch.full((batch_size, int(lengths.max())), text_config.pad_token_id)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths.tolist()):
+        input_ids[row, :length] = torch.randint(3, text_config.vocab_size, (length,), generator=generator)
+        attention_mask[row, :length] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": torch.randn(batch_size, 3, 224, 224, generator=generator)}
+    return {"precision": precision, "batch_size": batch_size, "text_tokens": input_ids.shape[1],
+            **compare_last_layers(model, lambda: clip_step(model, batch, precision), rounds)}
+
+
 # --- Input pipeline ----------------------------------------------------------------------------------------
 
 
@@ -1365,6 +1389,16 @@ def _fast_path_tables(sections: dict) -> list[str]:
             "position instead of all)",
             ["precision", "model", "batch", "text tokens", *LAST_LAYER_COLUMNS, "load avg"],
             rows, dual)
+    dinov2 = sections.get("pooled_dinov2_roberta")
+    if dinov2:
+        rows = [[precision, f"DINOv2-B/14 + RoBERTa-base ({r['layers']} layers each)", r["batch_size"], r["text_tokens"], *last_layer_cells(r),
+                 f"{abs(r['loss']['full'] - r['loss']['pooled']):.1e}", r["load_avg_start"][0]] for precision, r in dinov2.items()]
+        out += _fast_path_block(
+            "**Last layer at the class token / [CLS], DINOv2 + RoBERTa dual encoder** (`--pooled_last_layer`): random weights, "
+            "dropout off, captions of 10-23 tokens padded to the longest, forward + backward with clip_loss, each tower's last "
+            "layer over every position and at its first token alone, alternating on the same weights and batch",
+            ["precision", "model", "batch", "text tokens", *LAST_LAYER_COLUMNS, "loss difference", "load avg"],
+            rows, dinov2)
     compiled = sections.get("compiled_train")
     if compiled:
         rows = [[precision, _layers_note(r["layers"]), f"{r['ours']['samples_per_s']:.2f}", f"{r['ours_compiled']['samples_per_s']:.2f}",
@@ -1576,7 +1610,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("ours/baseline: %s", {p: round(v["median"], 2) for p, v in out["train"]["ours_over_baseline"].items()})
     fast_path_sections = {"compile": measure_compile, "checkpointing": measure_checkpointing, "channels_last": measure_channels_last,
                           "attention": measure_attention, "pooled_last_layer": measure_pooled_last_layer,
-                          "pooled_dual_encoder": measure_pooled_dual_encoder}
+                          "pooled_dual_encoder": measure_pooled_dual_encoder, "pooled_dinov2_roberta": measure_pooled_dinov2_roberta}
     for section, measure in fast_path_sections.items():
         if section not in sections:
             continue
