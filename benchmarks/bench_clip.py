@@ -957,11 +957,16 @@ def measure_attention(layers: int, batch_size: int, rounds: int, precision: str)
 def measure_pooled_last_layer(layers: int, batch_size: int, rounds: int, precision: str) -> dict:
     """The model step with each tower's last layer computed over every position (the model's own forward) and at
     the pooled token alone (utils.towers, run_clip's --pooled_last_layer), alternating in one process on the same
-    weights and batch, with run_clip's attention choice; the FLOPs of each, counted by FlopCounterMode."""
+    weights and batch, with run_clip's attention choice; the FLOPs of each, counted by FlopCounterMode. The captions
+    are COCO-like, 8-20 words, tokenized and padded to the longest as run_clip's collator does, so the pooled text
+    tower's other layers also skip each caption's padding (utils.towers packs the positions up to each eos)."""
     model, tokenizer = _new_model(layers)
     choose_attention(model, SimpleNamespace(attn_implementation=None), SimpleNamespace(bf16=precision == "bf16", device=torch.device("cpu")))
-    batch = caption_batch(tokenizer, batch_size, 23, torch.Generator().manual_seed(0))
-    return {"precision": precision, "batch_size": batch_size, "text_tokens": batch["input_ids"].shape[1],
+    rng = np.random.default_rng(0)
+    tokens = tokenizer([random_caption(rng) for _ in range(batch_size)], padding="longest", truncation=True, max_length=77, return_tensors="pt")
+    batch = {**tokens, "pixel_values": torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))}
+    return {"precision": precision, "batch_size": batch_size, "text_tokens": tokens["input_ids"].shape[1],
+            "mean_text_tokens": round(tokens["attention_mask"].sum(1).float().mean().item(), 1),
             **compare_last_layers(model, lambda: clip_step(model, batch, precision), rounds)}
 
 
@@ -1370,12 +1375,15 @@ def _fast_path_tables(sections: dict) -> list[str]:
             rows, attention)
     pooled = sections.get("pooled_last_layer")
     if pooled:
-        rows = [[precision, _layers_note(r["layers"]), r["batch_size"], r["text_tokens"], *last_layer_cells(r),
+        rows = [[precision, _layers_note(r["layers"]), r["batch_size"],
+                 f"{r['text_tokens']} (mean {r['mean_text_tokens']})" if "mean_text_tokens" in r else r["text_tokens"], *last_layer_cells(r),
                  f"{abs(r['loss']['full'] - r['loss']['pooled']):.1e}", r["load_avg_start"][0]] for precision, r in pooled.items()]
         out += _fast_path_block(
-            "**Last layer at the pooled token** (`--pooled_last_layer`, utils/towers.py) on the model step: each tower's last "
-            "layer over every position (the model's own forward) and at the token CLIP pools alone, alternating on the "
-            "same weights and batch; GFLOP of forward + backward by FlopCounterMode",
+            "**Last layer at the pooled token** (`--pooled_last_layer`, utils/towers.py) on the model step: the model's own "
+            "forward against each tower's last layer at the token CLIP pools alone, the text tower's other layers on the "
+            "positions up to each caption's eos alone (since 2026-11-27 14:00; captions of 8-20 words padded to the "
+            "longest, where earlier runs had every caption 23 tokens long), alternating on the same weights and batch; "
+            "GFLOP of forward + backward by FlopCounterMode",
             ["precision", "model", "batch", "text tokens", *LAST_LAYER_COLUMNS, "loss difference", "load avg"],
             rows, pooled)
     dual = sections.get("pooled_dual_encoder")

@@ -15,6 +15,13 @@ own, so a step's random draws differ from the model's (their distribution does n
 ViLT's default configs have none, the BERT family's hidden dropout is 0.1. DINOv2's stochastic depth drops a whole
 sample's branch, drawn per sample as the model draws it.
 
+CLIP's text tower goes one step further: under its causal mask no position after a caption's first end-of-text
+token reaches that token's state, so the positions past it (its padding, in a batch padded to the longest caption)
+are dropped, and the layers before the last run their projections and MLP on the kept positions alone, packed as
+(N, D), with the model's own attention (implementation and mask) on them scattered back to (B, L). Padding to the
+longest of a batch of 32 COCO-like captions leaves about a fifth of the text positions as padding; larger batches
+more, as their longest caption grows.
+
 In transformers 5.23 RoBERTa, XLM-RoBERTa and CamemBERT copy BERT's model, encoder, layer and pooler line for line
 (only the embeddings differ, and they run as the model's own), DeiT copies ViT's, and DINOv2 with registers
 copies DINOv2's layer: each family shares one implementation here, and each model is tested on its own.
@@ -41,7 +48,8 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.bert.modeling_bert import BertLayer, BertModel
 from transformers.models.camembert.modeling_camembert import CamembertLayer, CamembertModel
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextModel, CLIPVisionModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextModel, CLIPVisionModel, eager_attention_forward
 from transformers.models.deit.modeling_deit import DeiTLayer, DeiTModel
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2Model
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersLayer, Dinov2WithRegistersModel
@@ -60,48 +68,52 @@ DINOV2_FAMILY = (Dinov2Model, Dinov2WithRegistersModel), (Dinov2Layer, Dinov2Wit
 def pool_last_layers(model) -> list[str]:
     """Run the last layer of each tower of `model` (`vision_model`, `text_model`: CLIPModel, or a dual encoder with
     the towers named in this module's docstring) and of its ViLT encoder (`vilt`: ViltForQuestionAnswering, or a
-    ViltModel itself) at the pooled position only. Returns the names of the encoders changed; others (ELECTRA,
-    Swin, SigLIP, a tower without a pooler, ...) are left as they are."""
+    ViltModel itself) at the pooled position only; CLIP's text tower also runs its other layers on the positions up
+    to each caption's end-of-text token alone (`_clip_text_forward`). Returns the names of the encoders changed;
+    others (ELECTRA, Swin, SigLIP, a tower without a pooler, ...) are left as they are."""
     changed = []
-    for name, encoder, last, encoder_forward, layer_forward in _poolable(model):
+    for name, encoder, encoder_forward, layer_forwards in _poolable(model):
         encoder.forward = types.MethodType(encoder_forward, encoder)
-        last.forward = types.MethodType(layer_forward, last)
+        for layer, layer_forward in layer_forwards:
+            layer.forward = types.MethodType(layer_forward, layer)
         changed.append(name)
     return changed
 
 
 def restore_towers(model) -> None:
-    """Undo `pool_last_layers`: each encoder and its last layer run their class's forward again."""
-    for _, encoder, last, _, _ in _poolable(model):
+    """Undo `pool_last_layers`: each encoder and its layers run their class's forward again."""
+    for _, encoder, _, layer_forwards in _poolable(model):
         encoder.__dict__.pop("forward", None)
-        last.__dict__.pop("forward", None)
+        for layer, _ in layer_forwards:
+            layer.__dict__.pop("forward", None)
 
 
 def _poolable(model):
-    """(name, encoder, its last layer, the encoder's pooled forward, the layer's) for each encoder of `model` that
-    `pool_last_layers` knows."""
-    for name, encoder_forward in (("vision_model", _clip_vision_forward), ("text_model", _clip_text_forward)):
-        tower = getattr(model, name, None)
-        if isinstance(tower, (CLIPVisionModel, CLIPTextModel)) and isinstance(tower.encoder.layers[-1], CLIPEncoderLayer):
-            yield name, tower, tower.encoder.layers[-1], encoder_forward, _pooled_forward(_pooled_clip_layer)
+    """(name, encoder, the encoder's forward, [(layer, its forward), ...]) for each encoder of `model` that
+    `pool_last_layers` knows: its last layer at the pooled position (and CLIP text's other layers packed)."""
+    vision, text = getattr(model, "vision_model", None), getattr(model, "text_model", None)
+    if isinstance(vision, CLIPVisionModel) and isinstance(vision.encoder.layers[-1], CLIPEncoderLayer):
+        yield "vision_model", vision, _clip_vision_forward, [(vision.encoder.layers[-1], _layer_forward(_pooled_clip_layer))]
+    if isinstance(text, CLIPTextModel) and all(isinstance(layer, CLIPEncoderLayer) for layer in text.encoder.layers):
+        *layers, last = text.encoder.layers
+        yield ("text_model", text, _clip_text_forward,
+               [(layer, _layer_forward(_packed_clip_layer)) for layer in layers] + [(last, _layer_forward(_pooled_clip_layer))])
     # A dual encoder's other towers pool their first token (through their pooler, or DINOv2's final layer norm).
-    vision = getattr(model, "vision_model", None)
     models, layers = VIT_FAMILY
     if isinstance(vision, models) and vision.pooler is not None and isinstance(vision.layers[-1], layers):
-        yield "vision_model", vision, vision.layers[-1], _vit_forward, _pooled_forward(_pooled_vit_layer)
+        yield "vision_model", vision, _vit_forward, [(vision.layers[-1], _layer_forward(_pooled_vit_layer))]
     models, layers = DINOV2_FAMILY
     if isinstance(vision, models) and isinstance(vision.encoder.layer[-1], layers):
-        yield "vision_model", vision, vision.encoder.layer[-1], _dinov2_forward, _pooled_forward(_pooled_dinov2_layer)
-    text = getattr(model, "text_model", None)
+        yield "vision_model", vision, _dinov2_forward, [(vision.encoder.layer[-1], _layer_forward(_pooled_dinov2_layer))]
     models, layers = BERT_FAMILY
     if (isinstance(text, models) and text.pooler is not None and not text.config.is_decoder
             and isinstance(text.encoder.layer[-1], layers)):
-        yield "text_model", text, text.encoder.layer[-1], _bert_forward, _pooled_forward(_pooled_bert_layer)
+        yield "text_model", text, _bert_forward, [(text.encoder.layer[-1], _layer_forward(_pooled_bert_layer))]
     if isinstance(text, MPNetModel) and text.pooler is not None and isinstance(text.encoder.layer[-1], MPNetLayer):
-        yield "text_model", text, text.encoder.layer[-1], _mpnet_forward, _pooled_forward(_pooled_mpnet_layer)
+        yield "text_model", text, _mpnet_forward, [(text.encoder.layer[-1], _layer_forward(_pooled_mpnet_layer))]
     vilt = model if isinstance(model, ViltModel) else getattr(model, "vilt", None)
     if isinstance(vilt, ViltModel) and vilt.pooler is not None and isinstance(vilt.encoder.layer[-1], ViltLayer):
-        yield "vilt", vilt, vilt.encoder.layer[-1], _vilt_forward, _pooled_forward(_pooled_vilt_layer)
+        yield "vilt", vilt, _vilt_forward, [(vilt.encoder.layer[-1], _layer_forward(_pooled_vilt_layer))]
 
 
 def eos_positions(tower: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
@@ -113,19 +125,19 @@ def eos_positions(tower: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor
     return (ids == tower.eos_token_id).int().argmax(dim=-1)
 
 
-def _pooled_forward(compute):
-    """A layer's forward that returns its output at position `pool_at[b]` of each row b, (B, D), by `compute(layer,
-    hidden_states, pool_at=, key_mask=)`. `key_mask` (B, T): True where that position's query may attend; None:
-    everywhere; or (B, H, T) floats added to that query's attention scores (MPNet's position bias).
-    `attention_mask` (the other layers' 4-D mask) is not read: `key_mask` is its row at `pool_at`. Under
-    activation checkpointing the layer is recomputed in the backward pass, as transformers'
-    GradientCheckpointingLayer does for the other layers."""
+def _layer_forward(compute):
+    """A layer's forward computed by `compute(layer, hidden_states, **kwargs)`; under activation checkpointing the
+    layer is recomputed in the backward pass, as transformers' GradientCheckpointingLayer does for the other layers.
+    `attention_mask` (the model's own 4-D mask, passed by position) is not read: `compute` takes its masks by name.
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *, pool_at: torch.Tensor,
-                key_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    The pooled layers (`_pooled_*_layer`) take `pool_at` (B,) and `key_mask`: (B, T) bool, True where that
+    position's query may attend, None: everywhere; or (B, H, T) floats added to that query's scores (MPNet's
+    position bias); and return (B, D), their output at `pool_at[b]` of each row b."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if getattr(self, "gradient_checkpointing", False) and self.training:  # MPNet's layers cannot checkpoint
-            return self._gradient_checkpointing_func(partial(compute, self, pool_at=pool_at, key_mask=key_mask), hidden_states)
-        return compute(self, hidden_states, pool_at=pool_at, key_mask=key_mask)
+            return self._gradient_checkpointing_func(partial(compute, self, **kwargs), hidden_states)
+        return compute(self, hidden_states, **kwargs)
 
     return forward
 
@@ -134,7 +146,7 @@ def _attend_at(states: torch.Tensor, pool_at: torch.Tensor, key_mask: torch.Tens
                dropout: float, scale: float) -> torch.Tensor:
     """Attention of one query per row, at position `pool_at[b]` of `states` (B, T, D), over the keys and values of every
     position; `query`, `key`, `value`: the layer's projections; `key_mask` (B, T) bool or (B, H, T) float
-    (`_pooled_forward`). -> (B, H * d), before the output projection."""
+    (`_layer_forward`). -> (B, H * d), before the output projection."""
     batch = len(states)
     query = query(_at(states, pool_at)).view(batch, num_heads, 1, -1)
     key = key(states).view(batch, -1, num_heads, query.shape[-1]).transpose(1, 2)  # (B, H, T, d)
@@ -165,25 +177,56 @@ def _clip_vision_forward(self: CLIPVisionModel, pixel_values: torch.Tensor, inte
     for layer in layers:
         hidden_states = layer(hidden_states, None)
     class_token = torch.zeros(len(hidden_states), dtype=torch.long, device=hidden_states.device)
-    pooled = last(hidden_states, None, pool_at=class_token)[:, None]
+    pooled = last(hidden_states, None, pool_at=class_token, key_mask=None)[:, None]
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.post_layernorm(pooled[:, 0]))
 
 
+def _packed_clip_layer(self: CLIPEncoderLayer, packed: torch.Tensor, *, index: torch.Tensor, shape: tuple[int, int], mask) -> torch.Tensor:
+    """A CLIP encoder layer on the kept positions of a batch packed as (N, D) (`_clip_text_forward`): the projections
+    and the MLP run on those N positions alone; the attention runs as the model's own (its implementation and its
+    mask `mask`) on queries, keys and values scattered to (B, L), zeros where nothing is kept, which `mask` hides."""
+    attention = self.self_attn
+    batch, length = shape
+
+    def heads(projected: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B, H, L, d)
+        full = projected.new_zeros(batch * length, projected.shape[-1]).index_copy(0, index, projected)
+        return full.view(batch, length, attention.num_heads, attention.head_dim).transpose(1, 2)
+
+    normed = self.layer_norm1(packed)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    attended, _ = attend(attention, heads(attention.q_proj(normed)), heads(attention.k_proj(normed)), heads(attention.v_proj(normed)),
+                         mask, scaling=attention.scale, dropout=attention.dropout if self.training else 0.0, is_causal=True)
+    attended = attended.reshape(batch * length, -1).index_select(0, index)  # (B, L, H, d) as the model's attention returns it
+    packed = packed + attention.out_proj(attended)
+    return packed + self.mlp(self.layer_norm2(packed))  # (N, D)
+
+
 def _clip_text_forward(self: CLIPTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  position_ids: torch.Tensor | None = None, **kwargs):
+                       position_ids: torch.Tensor | None = None, **kwargs):
     _refuse_extra_outputs(self, kwargs)
     input_ids = input_ids.view(-1, input_ids.shape[-1])
-    hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)
-    causal = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, past_key_values=None)
+    eos = eos_positions(self, input_ids)
+    # A caption's embedding is its first eos token's state, and under the causal mask no later position reaches it:
+    # positions past each caption's eos (its padding, mostly) are dropped, and the layers before the last run on the N
+    # kept positions alone, packed as (N, D).
+    length = int(eos.max()) + 1
+    input_ids = input_ids[:, :length]
+    if position_ids is not None:
+        position_ids = position_ids[..., :length]
+    keep = torch.arange(length, device=input_ids.device)[None, :] <= eos[:, None]  # (B, L)
+    if attention_mask is not None:
+        keep = keep & attention_mask[:, :length].bool()
+    hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)  # (B, L, D)
+    # The model's own causal mask, with `keep` as its padding mask: the kept positions see each other as they did.
+    causal = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=keep.long(), past_key_values=None)
+    index = keep.flatten().nonzero()[:, 0]  # (N,)
+    packed = hidden_states.flatten(0, 1).index_select(0, index)
     *layers, last = self.encoder.layers
     for layer in layers:
-        hidden_states = layer(hidden_states, causal, is_causal=True)
-    eos = eos_positions(self, input_ids)
-    # The eos token's query sees the positions up to its own that the padding mask keeps.
-    key_mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] <= eos[:, None]  # (B, T)
-    if attention_mask is not None:
-        key_mask = key_mask & attention_mask.bool()
-    pooled = self.final_layer_norm(last(hidden_states, causal, pool_at=eos, key_mask=key_mask))[:, None]
+        packed = layer(packed, None, index=index, shape=tuple(keep.shape), mask=causal)
+    hidden_states = packed.new_zeros(keep.numel(), packed.shape[-1]).index_copy(0, index, packed).view(*keep.shape, -1)
+    # The eos token's query sees the kept positions up to its own.
+    pooled = self.final_layer_norm(last(hidden_states, None, pool_at=eos, key_mask=keep))[:, None]
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=pooled[:, 0])
 
 
