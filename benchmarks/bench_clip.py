@@ -1381,7 +1381,7 @@ def _fast_path_tables(sections: dict) -> list[str]:
         out += _fast_path_block(
             "**Last layer at the pooled token** (`--pooled_last_layer`, utils/towers.py) on the model step: the model's own "
             "forward against each tower's last layer at the token CLIP pools alone, the text tower's other layers on the "
-            "positions up to each caption's eos alone (since 2026-11-27 14:00; captions of 8-20 words padded to the "
+            "positions up to each caption's eos alone (since 2026-11-27 13:41; captions of 8-20 words padded to the "
             "longest, where earlier runs had every caption 23 tokens long), alternating on the same weights and batch; "
             "GFLOP of forward + backward by FlopCounterMode",
             ["precision", "model", "batch", "text tokens", *LAST_LAYER_COLUMNS, "loss difference", "load avg"],
