@@ -108,7 +108,8 @@ class ModelArguments(ModelSourceArguments):
     pooled_last_layer: bool = field(
         default=True,
         metadata={"help": "Run each tower's last layer (CLIP; ViT, DeiT, DINOv2, BERT, RoBERTa, ...) at the token it pools alone (the same embeddings and "
-                          "gradients; 7%% fewer FLOPs at ViT-B/32). --pooled_last_layer false runs the model's own forward."},
+                          "gradients; CLIP's text tower also skips the positions past each caption's end-of-text token; 10%% fewer FLOPs "
+                          "at ViT-B/32). --pooled_last_layer false runs the model's own forward."},
     )
     gather_negatives: bool = field(
         default=True, metadata={"help": "With several processes, contrast against the features of every process."}
