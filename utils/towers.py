@@ -181,12 +181,13 @@ def _clip_vision_forward(self: CLIPVisionModel, pixel_values: torch.Tensor, inte
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.post_layernorm(pooled[:, 0]))
 
 
-def _packed_clip_layer(self: CLIPEncoderLayer, packed: torch.Tensor, *, index: torch.Tensor, shape: tuple[int, int], mask) -> torch.Tensor:
-    """A CLIP encoder layer on the kept positions of a batch packed as (N, D) (`_clip_text_forward`): the projections
-    and the MLP run on those N positions alone; the attention runs as the model's own (its implementation and its
-    mask `mask`) on queries, keys and values scattered to (B, L), zeros where nothing is kept, which `mask` hides."""
+def _packed_clip_layer(self: CLIPEncoderLayer, packed: torch.Tensor, *, index: torch.Tensor, keep: torch.Tensor, mask) -> torch.Tensor:
+    """A CLIP encoder layer on the kept positions of a batch packed as (N, D) (`_clip_text_forward`; `keep` (B, L),
+    `index` its True positions, flattened): the projections and the MLP run on those N positions alone; the
+    attention runs as the model's own (its implementation and its mask `mask`) on queries, keys and values scattered
+    to (B, L), zeros where nothing is kept, which `mask` hides."""
     attention = self.self_attn
-    batch, length = shape
+    batch, length = keep.shape
 
     def heads(projected: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B, H, L, d)
         full = projected.new_zeros(batch * length, projected.shape[-1]).index_copy(0, index, projected)
@@ -223,7 +224,7 @@ def _clip_text_forward(self: CLIPTextModel, input_ids: torch.Tensor, attention_m
     packed = hidden_states.flatten(0, 1).index_select(0, index)
     *layers, last = self.encoder.layers
     for layer in layers:
-        packed = layer(packed, None, index=index, shape=tuple(keep.shape), mask=causal)
+        packed = layer(packed, None, index=index, keep=keep, mask=causal)
     hidden_states = packed.new_zeros(keep.numel(), packed.shape[-1]).index_copy(0, index, packed).view(*keep.shape, -1)
     # The eos token's query sees the kept positions up to its own.
     pooled = self.final_layer_norm(last(hidden_states, None, pool_at=eos, key_mask=keep))[:, None]
