@@ -15,12 +15,13 @@ own, so a step's random draws differ from the model's (their distribution does n
 ViLT's default configs have none, the BERT family's hidden dropout is 0.1. DINOv2's stochastic depth drops a whole
 sample's branch, drawn per sample as the model draws it.
 
-CLIP's text tower goes one step further: under its causal mask no position after a caption's first end-of-text
-token reaches that token's state, so the positions past it (its padding, in a batch padded to the longest caption)
-are dropped, and the layers before the last run their projections and MLP on the kept positions alone, packed as
-(N, D), with the model's own attention (implementation and mask) on them scattered back to (B, L). Padding to the
-longest of a batch of 32 COCO-like captions leaves about a fifth of the text positions as padding; larger batches
-more, as their longest caption grows.
+The text towers go one step further: positions whose state reaches nothing are dropped from the layers before the
+last. In CLIP, under the causal mask, no position after a caption's first end-of-text token reaches that token's
+state; in the BERT family, padding is masked as a key in every layer and the pooler reads [CLS]. So the positions
+past each caption's eos (CLIP) or its padding (BERT family) are dropped, and those layers run their projections and
+MLP on the kept positions alone, packed as (N, D), with the model's own attention (implementation and mask) on them
+scattered back to (B, L). Padding to the longest of a batch of 32 COCO-like captions leaves about a fifth of the
+text positions as padding; larger batches more, as their longest caption grows. (MPNet's text tower is not packed.)
 
 In transformers 5.23 RoBERTa, XLM-RoBERTa and CamemBERT copy BERT's model, encoder, layer and pooler line for line
 (only the embeddings differ, and they run as the model's own), DeiT copies ViT's, and DINOv2 with registers
@@ -47,6 +48,7 @@ import torch.nn.functional as F
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.bert.modeling_bert import BertLayer, BertModel
+from transformers.models.bert.modeling_bert import eager_attention_forward as bert_eager_attention
 from transformers.models.camembert.modeling_camembert import CamembertLayer, CamembertModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPTextModel, CLIPVisionModel, eager_attention_forward
@@ -108,7 +110,8 @@ def _poolable(model):
     models, layers = BERT_FAMILY
     if (isinstance(text, models) and text.pooler is not None and not text.config.is_decoder
             and isinstance(text.encoder.layer[-1], layers)):
-        yield "text_model", text, _bert_forward, [(text.encoder.layer[-1], _layer_forward(_pooled_bert_layer))]
+        *layers, last = text.encoder.layer
+        yield "text_model", text, _bert_forward, [(layer, _layer_forward(_packed_bert_layer)) for layer in layers] + [(last, _layer_forward(_pooled_bert_layer))]
     if isinstance(text, MPNetModel) and text.pooler is not None and isinstance(text.encoder.layer[-1], MPNetLayer):
         yield "text_model", text, _mpnet_forward, [(text.encoder.layer[-1], _layer_forward(_pooled_mpnet_layer))]
     vilt = model if isinstance(model, ViltModel) else getattr(model, "vilt", None)
@@ -324,6 +327,25 @@ def _pooled_bert_layer(self: BertLayer, hidden_states: torch.Tensor, *, pool_at:
     return self.output(self.intermediate(pooled), pooled)  # (B, D)
 
 
+def _packed_bert_layer(self: BertLayer, packed: torch.Tensor, *, index: torch.Tensor, keep: torch.Tensor, mask) -> torch.Tensor:
+    """A BERT-family encoder layer on the unpadded positions of a batch packed as (N, D) (`_bert_forward`), as
+    `_packed_clip_layer` does for CLIP: projections, output and MLP on the N positions alone, the model's own
+    attention on them scattered back to (B, L)."""
+    attention = self.attention.self
+    batch, length = keep.shape
+
+    def heads(projected: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B, H, L, d)
+        full = projected.new_zeros(batch * length, projected.shape[-1]).index_copy(0, index, projected)
+        return full.view(batch, length, attention.num_attention_heads, attention.attention_head_size).transpose(1, 2)
+
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, bert_eager_attention)
+    attended, _ = attend(attention, heads(attention.query(packed)), heads(attention.key(packed)), heads(attention.value(packed)), mask,
+                         dropout=attention.dropout.p if self.training else 0.0, scaling=attention.scaling)
+    attended = attended.reshape(batch * length, -1).index_select(0, index)
+    attention_output = self.attention.output(attended, packed)  # LayerNorm(dense + residual)
+    return self.output(self.intermediate(attention_output), attention_output)  # (N, D)
+
+
 def _bert_forward(self: BertModel, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                   **kwargs):
     _refuse_extra_outputs(self, kwargs)
@@ -333,11 +355,17 @@ def _bert_forward(self: BertModel, input_ids=None, attention_mask=None, token_ty
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds)
     mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+    # Padding is masked as a key everywhere and [CLS] is what the pooler reads, so the padded positions' own states
+    # reach nothing: the layers before the last run on the other positions alone, packed as (N, D).
+    keep = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device) if attention_mask is None else attention_mask.bool()
+    index = keep.flatten().nonzero()[:, 0]
+    packed = hidden_states.flatten(0, 1).index_select(0, index)
     *layers, last = self.encoder.layer
     for layer in layers:
-        hidden_states = layer(hidden_states, mask)
+        packed = layer(packed, None, index=index, keep=keep, mask=mask)
+    hidden_states = packed.new_zeros(keep.numel(), packed.shape[-1]).index_copy(0, index, packed).view(*keep.shape, -1)
     cls = torch.zeros(len(hidden_states), dtype=torch.long, device=hidden_states.device)
-    pooled = last(hidden_states, mask, pool_at=cls, key_mask=None if attention_mask is None else attention_mask.bool())[:, None]
+    pooled = last(hidden_states, None, pool_at=cls, key_mask=None if attention_mask is None else keep)[:, None]
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.pooler(pooled))
 
 
