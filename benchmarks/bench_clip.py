@@ -1392,9 +1392,10 @@ def _fast_path_tables(sections: dict) -> list[str]:
                  r["load_avg_start"][0]] for precision, r in dual.items()]
         out += _fast_path_block(
             "**Last layer at [CLS], dual encoder** (`--pooled_last_layer`): ViT-B/16 (random weights) + the real "
-            "all-MiniLM-L6-v2, forward + backward with clip_loss, each tower's last layer over every position and at [CLS] "
-            "alone, alternating on the same weights and batch (the losses differ by BERT's hidden dropout, drawn for one "
-            "position instead of all)",
+            "all-MiniLM-L6-v2, forward + backward with clip_loss, the model's own forward against each tower's last layer "
+            "at [CLS] alone (and, since 2026-11-27 14:16, the text tower's other layers on the unpadded positions alone), "
+            "alternating on the same weights and batch (the losses differ by BERT's hidden dropout, drawn for fewer "
+            "positions)",
             ["precision", "model", "batch", "text tokens", *LAST_LAYER_COLUMNS, "load avg"],
             rows, dual)
     dinov2 = sections.get("pooled_dinov2_roberta")
@@ -1403,8 +1404,9 @@ def _fast_path_tables(sections: dict) -> list[str]:
                  f"{abs(r['loss']['full'] - r['loss']['pooled']):.1e}", r["load_avg_start"][0]] for precision, r in dinov2.items()]
         out += _fast_path_block(
             "**Last layer at the class token / [CLS], DINOv2 + RoBERTa dual encoder** (`--pooled_last_layer`): random weights, "
-            "dropout off, captions of 10-23 tokens padded to the longest, forward + backward with clip_loss, each tower's last "
-            "layer over every position and at its first token alone, alternating on the same weights and batch",
+            "dropout off, captions of 10-23 tokens padded to the longest, forward + backward with clip_loss, the model's own "
+            "forward against each tower's last layer at its first token alone (and, since 2026-11-27 14:16, RoBERTa's other "
+            "layers on the unpadded positions alone), alternating on the same weights and batch",
             ["precision", "model", "batch", "text tokens", *LAST_LAYER_COLUMNS, "loss difference", "load avg"],
             rows, dinov2)
     compiled = sections.get("compiled_train")
