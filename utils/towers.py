@@ -10,8 +10,8 @@ keys and values need every position. `pool_last_layers` makes each such encoder 
 and values over the sequence and the rest at the pooled position alone: per encoder of L layers and a sequence of T
 positions, about 10/12 of one layer's matmul FLOPs for T - 1 positions are not spent (7% of a ViT-B/32 CLIP's). The
 outputs and every parameter's gradient are the same as the model's own forward gives (tests/test_towers.py checks
-values and gradients against it, in float64). With dropout on, the pooled position draws its dropout masks on its
-own, so a step's random draws differ from the model's (their distribution does not): CLIP's, ViT's, DINOv2's and
+values and gradients against it, in float64). With dropout on, the pooled position (and a packed text tower's
+positions, below) draws its dropout masks on its own, so a step's random draws differ from the model's (their distribution does not): CLIP's, ViT's, DINOv2's and
 ViLT's default configs have none, the BERT family's hidden dropout is 0.1. DINOv2's stochastic depth drops a whole
 sample's branch, drawn per sample as the model draws it.
 
