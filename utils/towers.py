@@ -164,6 +164,30 @@ def _at(states: torch.Tensor, pool_at: torch.Tensor) -> torch.Tensor:
     return states[torch.arange(len(states), device=states.device), pool_at]
 
 
+def _pack(states: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions `keep` (B, L) marks, packed: ((N, D) states, (N,) their flat indices into B * L)."""
+    index = keep.flatten().nonzero()[:, 0]
+    return states.flatten(0, 1).index_select(0, index), index
+
+
+def _unpack(packed: torch.Tensor, index: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`_pack` undone: (N, D) -> (B, L, D), zeros where `keep` is False."""
+    return packed.new_zeros(keep.numel(), packed.shape[-1]).index_copy(0, index, packed).view(*keep.shape, -1)
+
+
+def _attend_packed(attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, mask,
+                   num_heads: int, eager, **kwargs) -> torch.Tensor:
+    """The model's own attention (`attention.config._attn_implementation`, `eager` its eager function) on packed
+    projections (N, H * d): scattered to (B, H, L, d) with zeros where nothing is kept, which `mask` (the model's own
+    mask, built with `keep` as its padding mask) hides; the kept positions' outputs gathered back. -> (N, H * d)."""
+    def heads(projected: torch.Tensor) -> torch.Tensor:
+        return _unpack(projected, index, keep).view(*keep.shape, num_heads, -1).transpose(1, 2)
+
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
+    attended, _ = attend(attention, heads(query), heads(key), heads(value), mask, **kwargs)
+    return attended.reshape(keep.numel(), -1).index_select(0, index)  # (B, L, H, d) as the model's attention returns it
+
+
 def _pooled_clip_layer(self: CLIPEncoderLayer, hidden_states: torch.Tensor, *, pool_at: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     attention = self.self_attn
     normed = self.layer_norm1(hidden_states)  # (B, T, D): keys and values need every position
@@ -186,21 +210,13 @@ def _clip_vision_forward(self: CLIPVisionModel, pixel_values: torch.Tensor, inte
 
 def _packed_clip_layer(self: CLIPEncoderLayer, packed: torch.Tensor, *, index: torch.Tensor, keep: torch.Tensor, mask) -> torch.Tensor:
     """A CLIP encoder layer on the kept positions of a batch packed as (N, D) (`_clip_text_forward`; `keep` (B, L),
-    `index` its True positions, flattened): the projections and the MLP run on those N positions alone; the
-    attention runs as the model's own (its implementation and its mask `mask`) on queries, keys and values scattered
-    to (B, L), zeros where nothing is kept, which `mask` hides."""
+    `index` from `_pack`): the projections and the MLP run on those N positions alone, the attention as the model's
+    own (`_attend_packed`)."""
     attention = self.self_attn
-    batch, length = keep.shape
-
-    def heads(projected: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B, H, L, d)
-        full = projected.new_zeros(batch * length, projected.shape[-1]).index_copy(0, index, projected)
-        return full.view(batch, length, attention.num_heads, attention.head_dim).transpose(1, 2)
-
     normed = self.layer_norm1(packed)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
-    attended, _ = attend(attention, heads(attention.q_proj(normed)), heads(attention.k_proj(normed)), heads(attention.v_proj(normed)),
-                         mask, scaling=attention.scale, dropout=attention.dropout if self.training else 0.0, is_causal=True)
-    attended = attended.reshape(batch * length, -1).index_select(0, index)  # (B, L, H, d) as the model's attention returns it
+    attended = _attend_packed(attention, attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed), index, keep, mask,
+                              attention.num_heads, eager_attention_forward, scaling=attention.scale,
+                              dropout=attention.dropout if self.training else 0.0, is_causal=True)
     packed = packed + attention.out_proj(attended)
     return packed + self.mlp(self.layer_norm2(packed))  # (N, D)
 
@@ -223,12 +239,11 @@ def _clip_text_forward(self: CLIPTextModel, input_ids: torch.Tensor, attention_m
     hidden_states = self.embeddings(input_ids=input_ids, position_ids=position_ids)  # (B, L, D)
     # The model's own causal mask, with `keep` as its padding mask: the kept positions see each other as they did.
     causal = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=keep.long(), past_key_values=None)
-    index = keep.flatten().nonzero()[:, 0]  # (N,)
-    packed = hidden_states.flatten(0, 1).index_select(0, index)
+    packed, index = _pack(hidden_states, keep)
     *layers, last = self.encoder.layers
     for layer in layers:
         packed = layer(packed, None, index=index, keep=keep, mask=causal)
-    hidden_states = packed.new_zeros(keep.numel(), packed.shape[-1]).index_copy(0, index, packed).view(*keep.shape, -1)
+    hidden_states = _unpack(packed, index, keep)
     # The eos token's query sees the kept positions up to its own.
     pooled = self.final_layer_norm(last(hidden_states, None, pool_at=eos, key_mask=keep))[:, None]
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=pooled[:, 0])
@@ -329,19 +344,11 @@ def _pooled_bert_layer(self: BertLayer, hidden_states: torch.Tensor, *, pool_at:
 
 def _packed_bert_layer(self: BertLayer, packed: torch.Tensor, *, index: torch.Tensor, keep: torch.Tensor, mask) -> torch.Tensor:
     """A BERT-family encoder layer on the unpadded positions of a batch packed as (N, D) (`_bert_forward`), as
-    `_packed_clip_layer` does for CLIP: projections, output and MLP on the N positions alone, the model's own
-    attention on them scattered back to (B, L)."""
+    `_packed_clip_layer` does for CLIP: projections, output and MLP on the N positions alone."""
     attention = self.attention.self
-    batch, length = keep.shape
-
-    def heads(projected: torch.Tensor) -> torch.Tensor:  # (N, D) -> (B, H, L, d)
-        full = projected.new_zeros(batch * length, projected.shape[-1]).index_copy(0, index, projected)
-        return full.view(batch, length, attention.num_attention_heads, attention.attention_head_size).transpose(1, 2)
-
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, bert_eager_attention)
-    attended, _ = attend(attention, heads(attention.query(packed)), heads(attention.key(packed)), heads(attention.value(packed)), mask,
-                         dropout=attention.dropout.p if self.training else 0.0, scaling=attention.scaling)
-    attended = attended.reshape(batch * length, -1).index_select(0, index)
+    attended = _attend_packed(attention, attention.query(packed), attention.key(packed), attention.value(packed), index, keep, mask,
+                              attention.num_attention_heads, bert_eager_attention, dropout=attention.dropout.p if self.training else 0.0,
+                              scaling=attention.scaling)
     attention_output = self.attention.output(attended, packed)  # LayerNorm(dense + residual)
     return self.output(self.intermediate(attention_output), attention_output)  # (N, D)
 
@@ -358,12 +365,11 @@ def _bert_forward(self: BertModel, input_ids=None, attention_mask=None, token_ty
     # Padding is masked as a key everywhere and [CLS] is what the pooler reads, so the padded positions' own states
     # reach nothing: the layers before the last run on the other positions alone, packed as (N, D).
     keep = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device) if attention_mask is None else attention_mask.bool()
-    index = keep.flatten().nonzero()[:, 0]
-    packed = hidden_states.flatten(0, 1).index_select(0, index)
+    packed, index = _pack(hidden_states, keep)
     *layers, last = self.encoder.layer
     for layer in layers:
         packed = layer(packed, None, index=index, keep=keep, mask=mask)
-    hidden_states = packed.new_zeros(keep.numel(), packed.shape[-1]).index_copy(0, index, packed).view(*keep.shape, -1)
+    hidden_states = _unpack(packed, index, keep)
     cls = torch.zeros(len(hidden_states), dtype=torch.long, device=hidden_states.device)
     pooled = last(hidden_states, None, pool_at=cls, key_mask=None if attention_mask is None else keep)[:, None]
     return BaseModelOutputWithPooling(last_hidden_state=pooled, pooler_output=self.pooler(pooled))
