@@ -34,9 +34,10 @@ def _rank_of(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def _captions_of(text_to_image: torch.Tensor, num_images: int) -> torch.Tensor:
-    """(N, most captions of one image): each image's caption indices in increasing order, padded with -1."""
-    counts = torch.bincount(text_to_image, minlength=num_images)
+def _captions_of(text_to_image: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(N, most captions of one image): each image's caption indices in increasing order, padded with -1; `counts`
+    (N,): each image's number of captions."""
+    num_images = len(counts)
     order = torch.argsort(text_to_image, stable=True)  # grouped by image, each group in caption order
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(order), device=order.device) - starts[text_to_image[order]]
@@ -64,7 +65,8 @@ def retrieval_ranks(
         raise ValueError(f"text_to_image has shape {tuple(text_to_image.shape)}, expected ({num_texts},)")
     if num_texts and (text_to_image.min() < 0 or text_to_image.max() >= num_images):
         raise ValueError("text_to_image holds an index outside [0, number of images)")
-    if num_images and torch.bincount(text_to_image, minlength=num_images).min() == 0:
+    counts = torch.bincount(text_to_image, minlength=num_images)
+    if num_images and counts.min() == 0:
         raise ValueError("every image needs at least one caption for image->text retrieval")
     for name, embeds in (("image", image_embeds), ("text", text_embeds)):
         bad = (~torch.isfinite(embeds).all(dim=1)).nonzero()
@@ -72,7 +74,7 @@ def retrieval_ranks(
             raise ValueError(f"{len(bad)} {name} embeddings are not finite (the first: row {int(bad[0])}): the model's outputs overflowed "
                              "or diverged; ranks would be meaningless")
 
-    captions_of = _captions_of(text_to_image, num_images)  # (N, C)
+    captions_of = _captions_of(text_to_image, counts)  # (N, C)
     i2t = torch.empty(num_images, dtype=torch.long)
     for start in range(0, num_images, chunk_size):
         scores = image_embeds[start : start + chunk_size] @ text_embeds.T  # (c, M)
